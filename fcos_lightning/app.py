@@ -1,0 +1,252 @@
+"""The application: ``train(cfg)`` and ``evaluate(cfg)`` build everything from a composed Hydra config.
+
+This is the only place where configs meet code (``hydra.utils.instantiate``); ``train.py`` and
+``evaluate.py`` are thin ``@hydra.main`` wrappers, and tests call these functions directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fcos_lightning.data.coco import CategoryMap
+from fcos_lightning.data.demo import make_demo_dataset
+from fcos_lightning.evaluation import METRIC_NAMES, format_table
+from fcos_lightning.lit_module import FCOSLitModule
+from fcos_lightning.precision import resolve_precision
+
+log = logging.getLogger("fcos_lightning")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The optimizer schedule in actual optimizer steps for the run's global batch."""
+
+    global_batch: int
+    lr: float
+    max_steps: int
+    milestones: list[int]
+    warmup_iters: int
+    val_interval: int
+
+    def summary(self) -> str:
+        return (
+            f"global batch {self.global_batch} | lr {self.lr:g} | {self.max_steps} steps "
+            f"(~{self.max_steps * self.global_batch} images) | milestones {self.milestones} | "
+            f"warmup {self.warmup_iters} steps | validation every {self.val_interval} steps"
+        )
+
+
+def world_size(trainer_cfg: DictConfig) -> int:
+    """Processes a Trainer config will run: devices x nodes (``auto``/-1 devices count visible GPUs)."""
+    devices = trainer_cfg.get("devices", 1)
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        n = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        n = len([d for d in devices.split(",") if d.strip()])
+    elif devices in ("auto", -1):
+        gpus = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 0
+        n = max(gpus, 1)
+    else:
+        n = int(devices)
+    return n * int(trainer_cfg.get("num_nodes", 1))
+
+
+def make_schedule(schedule_cfg: DictConfig, global_batch: int) -> Schedule:
+    """Linear LR scaling with the global batch; iterations scaled inversely when ``scale_iterations``."""
+    ratio = global_batch / schedule_cfg.reference_batch_size
+    steps = (lambda it: max(1, round(it / ratio))) if schedule_cfg.scale_iterations else (lambda it: int(it))
+    return Schedule(
+        global_batch=global_batch,
+        lr=schedule_cfg.base_lr * ratio,
+        max_steps=steps(schedule_cfg.max_iter),
+        milestones=[steps(m) for m in schedule_cfg.milestones],
+        warmup_iters=steps(schedule_cfg.warmup_iters) if schedule_cfg.warmup_iters else 0,
+        val_interval=steps(schedule_cfg.val_interval),
+    )
+
+
+def prepare_data(data_cfg: DictConfig) -> None:
+    """Build the generated demo dataset on first use (``data.generate_demo``)."""
+    if data_cfg.get("generate_demo", False):
+        paths = make_demo_dataset(data_cfg.root)
+        expected = {
+            "train_ann_file": data_cfg.train.ann_file,
+            "train_img_dir": data_cfg.train.img_dir,
+            "val_ann_file": data_cfg.val.ann_file,
+            "val_img_dir": data_cfg.val.img_dir,
+        }
+        for key, path in expected.items():
+            if Path(paths[key]).resolve() != Path(path).resolve():
+                raise ValueError(f"demo dataset wrote {key}={paths[key]} but the config expects {path}")
+
+
+def build_module(cfg: DictConfig, num_classes: int, category_map: CategoryMap, schedule: Schedule | None):
+    """The LightningModule for ``cfg`` with a freshly initialised network."""
+    model = instantiate(cfg.model, num_classes=num_classes)
+    extra = {}
+    if schedule is not None:
+        extra = {
+            "lr": schedule.lr,
+            "milestones": schedule.milestones,
+            "warmup_iters": schedule.warmup_iters,
+            "warmup_factor": cfg.schedule.warmup_factor,
+            "gamma": cfg.schedule.gamma,
+        }
+    # partial first: kwargs given to instantiate() itself would be instantiated recursively (run_config has _target_s)
+    return instantiate(cfg.module, _partial_=True)(
+        model=model,
+        category_map=category_map.to_dict(),
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+        output_dir=cfg.output_dir,
+        **extra,
+    )
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        path = Path(output_dir) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path=last but {path} does not exist (set hydra.run.dir to the run)")
+        return str(path)
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+    return ckpt_path
+
+
+def train(cfg: DictConfig) -> float:
+    """Train ``cfg``; returns the final ``val/AP`` (percent) so that sweepers can optimize it."""
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    prepare_data(cfg.data)
+    datamodule = instantiate(cfg.data.datamodule)
+    global_batch = world_size(cfg.trainer) * cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)
+    schedule = make_schedule(cfg.schedule, global_batch)
+    module = build_module(cfg, datamodule.num_classes, datamodule.category_map, schedule)
+
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        precision=precision,
+        max_steps=schedule.max_steps,
+        val_check_interval=schedule.val_interval,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=str(output_dir),
+    )
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+        log.info(
+            "FCOS %s: %d classes %s | %s | precision %s",
+            cfg.model.backbone.name,
+            datamodule.num_classes,
+            list(datamodule.class_names),
+            schedule.summary(),
+            precision,
+        )
+        if logger:
+            logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, str(output_dir)))
+    if module.last_metrics.get("step") != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule)
+    metrics = module.last_metrics
+    if trainer.is_global_zero:
+        log.info(
+            "final validation at step %d:\n%s",
+            trainer.global_step,
+            format_table(metrics, module.category_map),
+        )
+        log.info("run dir: %s (TensorBoard: tensorboard --logdir %s)", output_dir, output_dir / "tensorboard")
+    return float(metrics.get("AP", float("nan")))
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint of ours, loaded without unpickling code (``weights_only=True``)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "category_map", "fcos_config"):
+        if key not in ckpt:
+            raise ValueError(f"{path} is not an fcos_lightning checkpoint: no {key!r} entry")
+    return ckpt
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate a checkpoint on a val split; writes metrics.json and detections.json to ``cfg.output_dir``."""
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    run_cfg = OmegaConf.create(ckpt["fcos_config"])
+    run_cfg.output_dir = str(output_dir)
+    run_cfg.module.num_vis_images = cfg.num_pictures
+    dm_cfg = run_cfg.data.datamodule
+    overrides = {
+        "val_ann_file": cfg.data.val.ann_file,
+        "val_img_dir": cfg.data.val.img_dir,
+        "val_batch_size": cfg.data.val_batch_size,
+        "num_workers": cfg.data.num_workers,
+        "test_min_size": cfg.data.test_min_size,
+        "test_max_size": cfg.data.test_max_size,
+    }
+    dm_cfg.update({k: v for k, v in overrides.items() if v is not None})
+    # The class map comes from the checkpoint; read categories from the val file (train data may be absent).
+    dm_cfg.train_ann_file, dm_cfg.train_img_dir = dm_cfg.val_ann_file, dm_cfg.val_img_dir
+    category_map = CategoryMap.from_dict(ckpt["category_map"])
+    datamodule = instantiate(dm_cfg)
+    if datamodule.category_map != category_map:
+        raise ValueError(
+            f"{dm_cfg.val_ann_file}: categories {list(datamodule.category_map.cat_ids)} differ from the "
+            f"checkpoint's {list(category_map.cat_ids)} ({cfg.ckpt_path})"
+        )
+    module: FCOSLitModule = build_module(run_cfg, category_map.num_classes, category_map, None)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    module.model.load_state_dict(state)
+    precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
+    trainer: pl.Trainer = instantiate(cfg.trainer, precision=precision, logger=False, default_root_dir=str(output_dir))
+    start = time.perf_counter()
+    trainer.validate(module, datamodule=datamodule)
+    elapsed = time.perf_counter() - start
+    metrics = dict(module.last_metrics)
+    num_images = int(metrics.get("num_images", 0))
+    metrics["images_per_second"] = num_images / elapsed if elapsed > 0 else math.nan
+    if trainer.is_global_zero:
+        (output_dir / "detections.json").write_text(json.dumps(module.last_results))
+        summary = {k: metrics[k] for k in METRIC_NAMES}
+        summary["per_class_AP"] = {k[3:]: v for k, v in metrics.items() if k.startswith("AP/")}
+        summary.update(num_images=num_images, images_per_second=metrics["images_per_second"])
+        tmp = output_dir / "metrics.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, output_dir / "metrics.json")
+        print(format_table(metrics, category_map))
+        print(f"{num_images} images in {elapsed:.1f} s: {metrics['images_per_second']:.2f} images/s end to end")
+        print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'detections.json'}")
+    return metrics
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested config -> ``{"a/b": value}`` for TensorBoard hparams."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "/"))
+        else:
+            out[key] = str(v) if isinstance(v, list) else v
+    return out

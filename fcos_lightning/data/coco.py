@@ -1,0 +1,429 @@
+"""COCO-format json -> detection samples.
+
+Policy (AdelaiDet / detectron2, FCOS_SPEC §2 "crowd/ignore handling"):
+
+- crowd annotations (``iscrowd=1``) are never targets; the model has no ignore regions, so points inside a
+  crowd box are ordinary negatives. They stay in :attr:`CocoDetection.coco`, where COCOeval uses them to
+  ignore matches;
+- boxes are clipped to the image and boxes narrower or shorter than 1 px after clipping are dropped (counted
+  and logged once, at construction, from the json alone);
+- in training, images left without a box are removed when ``filter_empty`` (detectron2's
+  ``FILTER_EMPTY_ANNOTATIONS``) or kept as negatives otherwise; evaluation keeps every image;
+- category ids need not be contiguous: :class:`CategoryMap` maps the k-th smallest ``category_id`` to
+  label ``k``.
+
+Per-image boxes live in a few flat numpy arrays rather than a list of dicts, so forked DataLoader workers do
+not copy the annotation set page by page (Python refcounts touch every object they read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import logging
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+logger = logging.getLogger("fcos_lightning.data")
+
+__all__ = ["CategoryMap", "CocoDetection", "load_coco_json", "read_coco_categories", "read_image"]
+
+
+@dataclass(frozen=True)
+class CategoryMap:
+    """Bijection between dataset ``category_id`` values and contiguous labels ``0..C-1``.
+
+    ``cat_ids`` are strictly increasing, so label ``k`` is the k-th smallest id (detectron2's convention).
+    Stored in checkpoints as :meth:`to_dict` so predictions can be written with the original ids and names.
+    """
+
+    cat_ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        cat_ids = tuple(int(c) for c in self.cat_ids)
+        names = tuple(str(n) for n in self.names)
+        if len(cat_ids) != len(names):
+            raise ValueError(f"CategoryMap: {len(cat_ids)} cat_ids but {len(names)} names")
+        if not cat_ids:
+            raise ValueError("CategoryMap: no categories")
+        if any(a >= b for a, b in zip(cat_ids, cat_ids[1:])):
+            raise ValueError(f"CategoryMap: cat_ids must be unique and sorted ascending, got {list(cat_ids)}")
+        object.__setattr__(self, "cat_ids", cat_ids)
+        object.__setattr__(self, "names", names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of foreground classes ``C`` (no background class)."""
+        return len(self.cat_ids)
+
+    @cached_property
+    def _label_of(self) -> dict[int, int]:
+        return {c: k for k, c in enumerate(self.cat_ids)}
+
+    @cached_property
+    def _cat_id_table(self) -> torch.Tensor:
+        return torch.tensor(self.cat_ids, dtype=torch.int64)
+
+    def to_contiguous(self, cat_id: int) -> int:
+        """Dataset ``category_id`` -> label in ``0..C-1``; KeyError for an unknown id."""
+        try:
+            return self._label_of[int(cat_id)]
+        except KeyError:
+            raise KeyError(f"category_id {cat_id} is not one of {list(self.cat_ids)}") from None
+
+    def to_cat_id(self, label: int) -> int:
+        """Label in ``0..C-1`` -> dataset ``category_id``."""
+        label = int(label)
+        if not 0 <= label < self.num_classes:
+            raise IndexError(f"label {label} out of range 0..{self.num_classes - 1}")
+        return self.cat_ids[label]
+
+    def labels_to_cat_ids(self, labels: torch.Tensor) -> torch.Tensor:
+        """Vectorised :meth:`to_cat_id`: int64 tensor of the same shape and device as ``labels``."""
+        return self._cat_id_table.to(labels.device)[labels.long()]
+
+    def to_dict(self) -> dict[str, list]:
+        """Plain ``{"cat_ids": [...], "names": [...]}``; safe for ``torch.load(weights_only=True)``."""
+        return {"cat_ids": list(self.cat_ids), "names": list(self.names)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Sequence]) -> CategoryMap:
+        """Inverse of :meth:`to_dict`."""
+        return cls(cat_ids=tuple(d["cat_ids"]), names=tuple(d["names"]))
+
+    @classmethod
+    def from_categories(
+        cls, categories: Sequence[Mapping[str, Any]], source: str = "categories"
+    ) -> CategoryMap:
+        """From a COCO ``categories`` list (any order); duplicate ids are an error."""
+        try:
+            pairs = sorted((int(c["id"]), str(c["name"])) for c in categories)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{source}: malformed 'categories' entry ({e!r})") from e
+        ids = [p[0] for p in pairs]
+        dup = sorted({a for a, b in zip(ids, ids[1:]) if a == b})
+        if dup:
+            raise ValueError(f"{source}: duplicate category ids {dup}")
+        if not pairs:
+            raise ValueError(f"{source}: 'categories' is empty")
+        return cls(cat_ids=tuple(ids), names=tuple(p[1] for p in pairs))
+
+    @classmethod
+    def from_coco_json(cls, ann_file: str | os.PathLike) -> CategoryMap:
+        """Categories of a COCO annotation file, sorted by id (see :func:`read_coco_categories`)."""
+        return cls.from_categories(read_coco_categories(ann_file), source=os.fspath(ann_file))
+
+
+def load_coco_json(ann_file: str | os.PathLike) -> dict:
+    """Parse a COCO annotation file; FileNotFoundError / ValueError name the file."""
+    ann_file = os.fspath(ann_file)
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{ann_file}: not valid json ({e})") from e
+    if not isinstance(data, dict) or "images" not in data:
+        raise ValueError(f"{ann_file}: not a COCO annotation file (expected an object with an 'images' list)")
+    return data
+
+
+_CATEGORIES_KEY = re.compile(rb'"categories"\s*:\s*')
+
+
+def read_coco_categories(ann_file: str | os.PathLike) -> list[dict]:
+    """The ``categories`` list of a COCO annotation file.
+
+    COCO train's json is ~450 MB and takes seconds to parse, so this only decodes the ``categories`` value
+    when the key occurs exactly once in the file (a ``"categories":`` match cannot lie inside a json string,
+    whose quotes are escaped, so a single match is the top-level key). Otherwise it parses the whole file.
+    """
+    ann_file = os.fspath(ann_file)
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
+    with open(ann_file, "rb") as f:
+        raw = f.read()
+    matches = list(itertools.islice(_CATEGORIES_KEY.finditer(raw), 2))
+    if len(matches) == 1:
+        start, chunk = matches[0].end(), 1 << 20
+        while True:
+            text = raw[start : start + chunk].decode("utf-8", errors="ignore")
+            try:
+                value, _ = json.JSONDecoder().raw_decode(text)
+            except json.JSONDecodeError:
+                if start + chunk >= len(raw):
+                    break
+                chunk *= 4
+                continue
+            if isinstance(value, list):
+                return value
+            break
+    data = load_coco_json(ann_file)
+    if "categories" not in data:
+        raise ValueError(f"{ann_file}: no 'categories' key")
+    return data["categories"]
+
+
+@contextlib.contextmanager
+def _quiet_tv_io() -> Iterator[None]:
+    # torchvision 0.29 deprecates its image codecs in favour of TorchCodec and warns on every call.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="The image decoding and encoding", category=DeprecationWarning
+        )
+        yield
+
+
+def read_image(path: str, image_id: int | None = None) -> torch.Tensor:
+    """Decode ``path`` to uint8 RGB ``[3,H,W]`` (EXIF orientation applied; gray/RGBA/palette -> RGB).
+
+    Errors name the file (and the image id when given).
+    """
+    what = f"{path}" + ("" if image_id is None else f" (image id {image_id})")
+    with _quiet_tv_io():
+        try:
+            data = read_file(path)
+        except RuntimeError as e:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"image file not found: {what}") from e
+            raise OSError(f"cannot read image file {what}: {e}") from e
+        try:
+            img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except RuntimeError as e:
+            raise OSError(f"cannot decode image file {what}: {e}") from e
+    if img.dtype != torch.uint8:  # 16-bit PNG
+        img = (img.to(torch.float32) * (255.0 / 65535.0) + 0.5).to(torch.uint8)
+    return img
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO-format detection dataset returning uint8 images and ``xyxy`` boxes with contiguous labels.
+
+    Each sample is ``{"image": tv_tensors.Image uint8 [3,H,W], "boxes": tv_tensors.BoundingBoxes float32
+    [M,4] XYXY, "labels": int64 [M], "image_id": int, "orig_size": (h, w)}`` before ``transforms`` (a
+    callable taking and returning that dict, e.g. a ``v2.Compose``). Crowd boxes are never among the targets,
+    in either mode; ``train`` only decides whether images without targets are removed (module docstring).
+    """
+
+    def __init__(
+        self,
+        ann_file: str,
+        img_dir: str,
+        transforms: Callable | None = None,
+        train: bool = False,
+        filter_empty: bool = True,
+    ) -> None:
+        self.ann_file = os.fspath(ann_file)
+        self.img_dir = os.fspath(img_dir)
+        if not os.path.isfile(self.ann_file):
+            raise FileNotFoundError(f"COCO annotation file not found: {self.ann_file}")
+        if not os.path.isdir(self.img_dir):
+            raise FileNotFoundError(f"image directory not found: {self.img_dir}")
+        self.transforms = transforms
+        self.train = bool(train)
+        self.filter_empty = bool(filter_empty)
+
+        data = load_coco_json(self.ann_file)
+        if "categories" not in data:
+            raise ValueError(f"{self.ann_file}: no 'categories' key")
+        self.category_map = CategoryMap.from_categories(data["categories"], source=self.ann_file)
+        data.setdefault("annotations", [])
+        self._index(data)
+        # The json dict is large (COCO train: ~1 GB as Python objects); keep it only for evaluation.
+        self._coco: COCO | None = self._make_coco(data) if not self.train else None
+
+    # ------------------------------------------------------------------ construction
+    def _index(self, data: dict) -> None:
+        src = self.ann_file
+        images = data["images"]
+        n_img = len(images)
+        img_ids = np.empty(n_img, dtype=np.int64)
+        widths = np.empty(n_img, dtype=np.int64)
+        heights = np.empty(n_img, dtype=np.int64)
+        file_names: list[str] = []
+        for i, im in enumerate(images):
+            try:
+                img_ids[i], widths[i], heights[i] = im["id"], im["width"], im["height"]
+                file_names.append(str(im["file_name"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(
+                    f"{src}: image entry #{i} (id={im.get('id') if isinstance(im, dict) else None}) needs "
+                    f"integer 'id', 'width', 'height' and a 'file_name' ({e!r})"
+                ) from e
+        if n_img and (widths.min() <= 0 or heights.min() <= 0):
+            i = int(np.flatnonzero((widths <= 0) | (heights <= 0))[0])
+            raise ValueError(f"{src}: image id {img_ids[i]} has size {widths[i]}x{heights[i]}")
+        uniq, counts = np.unique(img_ids, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"{src}: duplicate image ids {uniq[counts > 1][:10].tolist()}")
+
+        anns = data["annotations"]
+        n_ann = len(anns)
+        try:
+            ann_ids = np.array([a["id"] for a in anns], dtype=np.int64).reshape(n_ann)
+            ann_img = np.array([a["image_id"] for a in anns], dtype=np.int64).reshape(n_ann)
+            ann_cat = np.array([a["category_id"] for a in anns], dtype=np.int64).reshape(n_ann)
+            xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(n_ann, 4)
+        except (KeyError, TypeError, ValueError):
+            raise self._malformed_annotation_error(anns) from None
+        crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool).reshape(n_ann)
+
+        uniq, counts = np.unique(ann_ids, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"{src}: duplicate annotation ids {uniq[counts > 1][:10].tolist()}")
+        cmap_ids = np.asarray(self.category_map.cat_ids, dtype=np.int64)
+        bad = ~np.isin(ann_cat, cmap_ids)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{src}: annotation id {ann_ids[i]} (image id {ann_img[i]}) has category_id {ann_cat[i]}, "
+                f"which is not in 'categories' {cmap_ids.tolist()} ({int(bad.sum())} such annotations)"
+            )
+        order = np.argsort(img_ids, kind="stable")
+        pos = np.searchsorted(img_ids[order], ann_img)
+        pos = np.minimum(pos, max(n_img - 1, 0))
+        bad = (img_ids[order][pos] != ann_img) if n_img else np.ones(n_ann, dtype=bool)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{src}: annotation id {ann_ids[i]} refers to image id {ann_img[i]}, which is not in "
+                f"'images' ({int(bad.sum())} such annotations)"
+            )
+        ann_img_idx = order[pos] if n_ann else np.empty(0, dtype=np.int64)
+
+        # COCO xywh -> xyxy, clipped to the json's image size.
+        w_img = widths[ann_img_idx].astype(np.float64)
+        h_img = heights[ann_img_idx].astype(np.float64)
+        x0 = np.clip(xywh[:, 0], 0.0, w_img)
+        y0 = np.clip(xywh[:, 1], 0.0, h_img)
+        x1 = np.clip(xywh[:, 0] + xywh[:, 2], 0.0, w_img)
+        y1 = np.clip(xywh[:, 1] + xywh[:, 3], 0.0, h_img)
+        big_enough = (x1 - x0 >= 1.0) & (y1 - y0 >= 1.0)  # False for NaN too
+        keep = ~crowd & big_enough
+        self.num_crowd_boxes = int(crowd.sum())
+        self.num_dropped_boxes = int((~crowd & ~big_enough).sum())
+
+        kept = np.flatnonzero(keep)
+        kept = kept[np.argsort(ann_img_idx[kept], kind="stable")]  # grouped by image, json order inside
+        per_image = np.bincount(ann_img_idx[kept], minlength=n_img)
+        offsets = np.zeros(n_img + 1, dtype=np.int64)
+        np.cumsum(per_image, out=offsets[1:])
+        self._boxes = np.stack([x0, y0, x1, y1], axis=1)[kept].astype(np.float32).reshape(-1, 4)
+        self._labels = np.searchsorted(cmap_ids, ann_cat[kept]).astype(np.int64)
+
+        filtering = self.train and self.filter_empty
+        img_keep = np.flatnonzero(per_image > 0) if filtering else np.arange(n_img)
+        self.num_removed_images = n_img - len(img_keep)
+        self._starts = offsets[img_keep]
+        self._ends = offsets[img_keep + 1]
+        self._img_ids = img_ids[img_keep]
+        self._widths = widths[img_keep]
+        self._heights = heights[img_keep]
+        self._file_names = np.asarray([file_names[i] for i in img_keep], dtype=np.str_)
+        self.image_ids: list[int] = self._img_ids.tolist()
+        self.aspect_ratios: list[float] = (self._widths / self._heights).tolist()
+
+        msg = (
+            f"{src}: {len(img_keep)} of {n_img} images ({'train' if self.train else 'eval'} mode"
+            f"{', empty images removed' if filtering else ''}), {len(kept)} target boxes; not targets: "
+            f"{self.num_crowd_boxes} crowd boxes, {self.num_dropped_boxes} boxes under 1 px after clipping "
+            f"to the image; {self.num_removed_images} images removed for having no target box"
+        )
+        logger.log(logging.WARNING if self.num_dropped_boxes else logging.INFO, msg)
+
+    def _malformed_annotation_error(self, anns: list) -> ValueError:
+        """Error naming the first annotation without integer id/image_id/category_id or a 4-number bbox."""
+        for i, a in enumerate(anns):
+            try:
+                int(a["id"]), int(a["image_id"]), int(a["category_id"])
+                if len([float(v) for v in a["bbox"]]) != 4:
+                    raise ValueError("bbox must have 4 numbers")
+            except (KeyError, TypeError, ValueError) as e:
+                aid = a.get("id") if isinstance(a, dict) else None
+                return ValueError(
+                    f"{self.ann_file}: annotation #{i} (id={aid}) needs integer 'id', 'image_id', "
+                    f"'category_id' and a 4-number 'bbox' ({e!r})"
+                )
+        return ValueError(f"{self.ann_file}: malformed 'annotations'")
+
+    @staticmethod
+    def _make_coco(data: dict) -> COCO:
+        # COCOeval reads 'iscrowd' and 'area'; fill them for hand-made files so evaluation does not KeyError.
+        for a in data.get("annotations", []):
+            a.setdefault("iscrowd", 0)
+            if "area" not in a:
+                a["area"] = float(a["bbox"][2] * a["bbox"][3])
+        coco = COCO()
+        coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
+            coco.createIndex()
+        return coco
+
+    @property
+    def coco(self) -> COCO:
+        """pycocotools ``COCO`` over the whole json (all images, crowd annotations included), for COCOeval.
+
+        Built at construction in eval mode; in train mode built from the file on first access.
+        """
+        if self._coco is None:
+            self._coco = self._make_coco(load_coco_json(self.ann_file))
+        return self._coco
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers never evaluate; do not ship the COCO index to them (rebuilt lazily if touched).
+        state = self.__dict__.copy()
+        state["_coco"] = None
+        return state
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self._img_ids)
+
+    def img_info(self, idx: int) -> dict[str, Any]:
+        """The json's ``{"id", "file_name", "width", "height"}`` of sample ``idx``."""
+        return {
+            "id": int(self._img_ids[idx]),
+            "file_name": str(self._file_names[idx]),
+            "width": int(self._widths[idx]),
+            "height": int(self._heights[idx]),
+        }
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        image_id = int(self._img_ids[idx])
+        path = os.path.join(self.img_dir, str(self._file_names[idx]))
+        img = read_image(path, image_id)
+        h, w = int(img.shape[-2]), int(img.shape[-1])
+        jh, jw = int(self._heights[idx]), int(self._widths[idx])
+        if (h, w) != (jh, jw):
+            raise ValueError(
+                f"image id {image_id} ({path}): decoded size (h, w) = ({h}, {w}) differs from the json's "
+                f"({jh}, {jw})"
+            )
+        s, e = int(self._starts[idx]), int(self._ends[idx])
+        sample = {
+            "image": tv_tensors.Image(img),
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.from_numpy(self._boxes[s:e].copy()), format="XYXY", canvas_size=(h, w)
+            ),
+            "labels": torch.from_numpy(self._labels[s:e].copy()),
+            "image_id": image_id,
+            "orig_size": (h, w),
+        }
+        if self.transforms is not None:
+            sample = self.transforms(sample)
+        return sample

@@ -1,0 +1,65 @@
+"""Batching of variable-size detection samples (USER_NEEDS §3.1, §2.8).
+
+Images are zero-padded bottom/right to a common size divisible by the FPN's largest stride, as detectron2's
+``ImageList.from_tensors`` does; each image's valid size is carried so the model can ignore the padding and
+map detections back. Targets stay a list (never stacked: images have different box counts, possibly zero).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["Collator"]
+
+
+class Collator:
+    """``DataLoader`` ``collate_fn`` (a plain class, so it pickles into worker processes).
+
+    Output (plain tensors, lists and dicts, so Lightning moves it to the device):
+
+    - ``images`` uint8 ``[B,3,Hp,Wp]``, zero-padded bottom/right to multiples of ``size_divisibility``;
+    - ``image_sizes`` int64 ``[B,2]``: (h, w) of each resized image before padding;
+    - ``orig_sizes`` int64 ``[B,2]``: (h, w) of each decoded image before resizing;
+    - ``image_ids`` int64 ``[B]``;
+    - ``targets``: list of ``{"boxes": float32 [M,4] xyxy, "labels": int64 [M]}`` (``M`` may be 0).
+    """
+
+    def __init__(self, size_divisibility: int = 32) -> None:
+        if size_divisibility < 0:
+            raise ValueError(f"size_divisibility must be >= 0, got {size_divisibility}")
+        self.size_divisibility = int(size_divisibility)
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        if not samples:
+            raise ValueError("Collator got an empty list of samples")
+        images = [s["image"] for s in samples]
+        for s, img in zip(samples, images):
+            if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != 3:
+                raise ValueError(
+                    f"image id {s.get('image_id')}: expected a uint8 [3,H,W] image, got {img.dtype} "
+                    f"{list(img.shape)}"
+                )
+        image_sizes = torch.tensor([img.shape[-2:] for img in images], dtype=torch.int64)
+        hp, wp = image_sizes.max(dim=0).values.tolist()
+        d = self.size_divisibility
+        if d > 1:
+            hp, wp = -(-hp // d) * d, -(-wp // d) * d
+        batch = torch.zeros((len(images), 3, hp, wp), dtype=torch.uint8)
+        for i, img in enumerate(images):
+            batch[i, :, : img.shape[-2], : img.shape[-1]].copy_(img)
+        targets = [
+            {
+                "boxes": s["boxes"].as_subclass(torch.Tensor).to(torch.float32).reshape(-1, 4),
+                "labels": torch.as_tensor(s["labels"], dtype=torch.int64).reshape(-1),
+            }
+            for s in samples
+        ]
+        return {
+            "images": batch,
+            "image_sizes": image_sizes,
+            "orig_sizes": torch.tensor([tuple(s["orig_size"]) for s in samples], dtype=torch.int64),
+            "image_ids": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
+            "targets": targets,
+        }

@@ -1,0 +1,95 @@
+"""torchvision.transforms.v2 pipelines on uint8 samples (AdelaiDet input pipeline, FCOS_SPEC §5 "Input").
+
+Train: detectron2 ``ResizeShortestEdge`` (one short side drawn per image, long side capped), horizontal flip,
+clamp, drop boxes under 1 px. Test: the same resize with a fixed short side. No normalisation here: the model
+normalises on its device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2 import query_size
+
+__all__ = ["ResizeShortestEdge", "build_test_transforms", "build_train_transforms", "get_labels"]
+
+
+class ResizeShortestEdge(v2.Transform):
+    """Resize so the short side is one of ``min_sizes`` and the long side at most ``max_size`` (detectron2).
+
+    ``sample=True`` draws the short side uniformly from ``min_sizes`` per call (detectron2's "choice"
+    sampling, using torch's RNG so DataLoader workers differ); otherwise ``min_sizes[0]`` is used. Images are
+    resized bilinearly with antialiasing (close to detectron2's PIL bilinear); boxes (and masks) are scaled to
+    match, everything else passes through.
+    """
+
+    def __init__(self, min_sizes: Sequence[int] | int, max_size: int, sample: bool) -> None:
+        super().__init__()
+        sizes = (min_sizes,) if isinstance(min_sizes, int) else tuple(int(s) for s in min_sizes)
+        if not sizes or min(sizes) <= 0:
+            raise ValueError(f"min_sizes must be non-empty and positive, got {min_sizes}")
+        if max_size <= 0:
+            raise ValueError(f"max_size must be positive, got {max_size}")
+        self.min_sizes = sizes
+        self.max_size = int(max_size)
+        self.sample = bool(sample)
+
+    @staticmethod
+    def get_output_shape(h: int, w: int, short_edge: int, max_size: int) -> tuple[int, int]:
+        """detectron2 ``ResizeShortestEdge.get_output_shape``: new ``(h, w)``."""
+        size = float(short_edge)
+        scale = size / min(h, w)
+        if h < w:
+            new_h, new_w = size, scale * w
+        else:
+            new_h, new_w = scale * h, size
+        if max(new_h, new_w) > max_size:
+            scale = max_size / max(new_h, new_w)
+            new_h, new_w = new_h * scale, new_w * scale
+        return int(new_h + 0.5), int(new_w + 0.5)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = query_size(flat_inputs)
+        if self.sample and len(self.min_sizes) > 1:
+            short = self.min_sizes[int(torch.randint(len(self.min_sizes), (1,)).item())]
+        else:
+            short = self.min_sizes[0]
+        return {"size": self.get_output_shape(h, w, short, self.max_size)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(
+            F.resize,
+            inpt,
+            size=list(params["size"]),
+            interpolation=InterpolationMode.BILINEAR,
+            antialias=True,
+        )
+
+    def extra_repr(self) -> str:
+        return f"min_sizes={self.min_sizes}, max_size={self.max_size}, sample={self.sample}"
+
+
+def get_labels(sample: dict[str, Any]) -> torch.Tensor:
+    """``labels_getter`` for :class:`v2.SanitizeBoundingBoxes` (module-level so the pipeline pickles)."""
+    return sample["labels"]
+
+
+def build_train_transforms(min_sizes: Sequence[int], max_size: int, hflip_prob: float = 0.5) -> v2.Compose:
+    """Multi-scale resize, horizontal flip, clamp, and removal of boxes under 1 px (labels kept aligned)."""
+    return v2.Compose(
+        [
+            ResizeShortestEdge(min_sizes, max_size, sample=True),
+            v2.RandomHorizontalFlip(hflip_prob),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=1, labels_getter=get_labels),
+        ]
+    )
+
+
+def build_test_transforms(min_size: int, max_size: int) -> v2.Compose:
+    """Fixed short side ``min_size``, long side at most ``max_size``; boxes are resized, never dropped."""
+    return v2.Compose([ResizeShortestEdge((min_size,), max_size, sample=False)])

@@ -1,0 +1,101 @@
+"""FCOS loss (AdelaiDet, FCOS_SPEC §3): focal classification, IoU-family box loss weighted by centerness
+targets, centerness BCE. The normalizers (number of positives, sum of centerness targets) are averaged
+over DDP ranks, so the loss does not depend on how many processes share a batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import sigmoid_focal_loss
+
+BoxLossType = Literal["giou", "iou", "linear_iou"]
+
+
+def reduce_mean(value: Tensor) -> Tensor:
+    """Mean of a scalar over DDP ranks (identity when no process group is up)."""
+    value = value.detach().clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / dist.get_world_size()
+    return value
+
+
+def centerness_targets(reg_targets: Tensor) -> Tensor:
+    """``sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))`` for ``[P, 4]`` positive ltrb targets."""
+    lr = reg_targets[:, [0, 2]]
+    tb = reg_targets[:, [1, 3]]
+    ratio = (lr.amin(dim=1) / lr.amax(dim=1)) * (tb.amin(dim=1) / tb.amax(dim=1))
+    return torch.sqrt(ratio)
+
+
+def iou_loss(pred: Tensor, target: Tensor, loss_type: BoxLossType) -> Tensor:
+    """Per-box IoU-family loss on ltrb distances ``[P, 4]`` with AdelaiDet's ``(inter + 1) / (union + 1)``."""
+    pred_area = (pred[:, 0] + pred[:, 2]) * (pred[:, 1] + pred[:, 3])
+    target_area = (target[:, 0] + target[:, 2]) * (target[:, 1] + target[:, 3])
+    w_inter = torch.minimum(pred[:, 0], target[:, 0]) + torch.minimum(pred[:, 2], target[:, 2])
+    h_inter = torch.minimum(pred[:, 1], target[:, 1]) + torch.minimum(pred[:, 3], target[:, 3])
+    inter = w_inter * h_inter
+    union = pred_area + target_area - inter
+    ious = (inter + 1.0) / (union + 1.0)
+    if loss_type == "iou":
+        return -torch.log(ious)
+    if loss_type == "linear_iou":
+        return 1.0 - ious
+    if loss_type == "giou":
+        w_enc = torch.maximum(pred[:, 0], target[:, 0]) + torch.maximum(pred[:, 2], target[:, 2])
+        h_enc = torch.maximum(pred[:, 1], target[:, 1]) + torch.maximum(pred[:, 3], target[:, 3])
+        enclose = w_enc * h_enc
+        return 1.0 - (ious - (enclose - union) / enclose)
+    raise ValueError(f"unknown box loss type {loss_type!r}; expected giou, iou or linear_iou")
+
+
+class FCOSLoss:
+    """Computes ``loss_cls``, ``loss_box`` and ``loss_ctr`` from flattened head outputs and targets.
+
+    Args:
+        num_classes: foreground classes ``C``; label ``C`` marks background.
+        box_loss_type: ``giou`` (AdelaiDet default), ``iou`` (-log IoU) or ``linear_iou`` (1 - IoU).
+        focal_alpha, focal_gamma: sigmoid focal loss parameters.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        box_loss_type: BoxLossType = "giou",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        if box_loss_type not in ("giou", "iou", "linear_iou"):
+            raise ValueError(f"unknown box loss type {box_loss_type!r}; expected giou, iou or linear_iou")
+        self.num_classes = num_classes
+        self.box_loss_type = box_loss_type
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def __call__(
+        self, cls_logits: Tensor, box_reg: Tensor, centerness: Tensor, labels: Tensor, reg_targets: Tensor
+    ) -> dict[str, Tensor]:
+        """cls_logits ``[B, R, C]``, box_reg ``[B, R, 4]`` (stride units), centerness ``[B, R]``,
+        labels ``[B, R]`` and reg_targets ``[B, R, 4]`` from :class:`TargetAssigner`."""
+        cls_logits, box_reg, centerness = cls_logits.float(), box_reg.float(), centerness.float()
+        pos = labels < self.num_classes  # [B, R]
+        num_pos = reduce_mean(pos.sum().float()).clamp(min=1.0)
+
+        one_hot = F.one_hot(labels, self.num_classes + 1)[..., : self.num_classes].to(cls_logits.dtype)
+        loss_cls = (
+            sigmoid_focal_loss(cls_logits, one_hot, self.focal_alpha, self.focal_gamma, reduction="sum") / num_pos
+        )
+
+        pos_reg, pos_targets, pos_ctr = box_reg[pos], reg_targets[pos], centerness[pos]
+        ctr_targets = centerness_targets(pos_targets)
+        ctr_norm = reduce_mean(ctr_targets.sum()).clamp(min=1e-6)
+        # With no positives these sums are over empty tensors: 0, and still connected to the graph, so every
+        # parameter gets a (zero) gradient and DDP needs no find_unused_parameters.
+        loss_box = (iou_loss(pos_reg, pos_targets, self.box_loss_type) * ctr_targets).sum() / ctr_norm
+        loss_ctr = F.binary_cross_entropy_with_logits(pos_ctr, ctr_targets, reduction="sum") / num_pos
+        return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_ctr": loss_ctr}

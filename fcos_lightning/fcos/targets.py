@@ -1,0 +1,175 @@
+"""Target assignment: which ground-truth box (if any) each point regresses, batched over images.
+
+AdelaiDet's rules (FCOS_SPEC §2): a point is a candidate for a box when it lies in the box's centre region
+(radius ``center_sampling_radius * stride`` around the box centre, clipped to the box, strict inequalities)
+and the box's largest distance ``max(l, t, r, b)`` falls in the point's level size range (inclusive both
+ends). Among candidates the box of minimum area wins (first index on ties). Crowd boxes are never
+candidates. With ``inclusive_ranges=False`` and ranges ``(0, 64), (64, 128) ...`` the same code reproduces
+torchvision's matching rules.
+
+The points x boxes work runs in chunks of points so memory stays bounded for images with thousands of
+boxes; there is no Python loop over images, boxes or points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+INF = 1e8
+
+
+class FCOSTargets(NamedTuple):
+    """Per-point targets for a batch.
+
+    ``labels``: ``[B, R]`` int64, ``0..C-1`` for positives and ``C`` (num_classes) for background.
+    ``reg_targets``: ``[B, R, 4]`` float32 ``(l, t, r, b)`` in units of the point's stride (0 for background).
+    ``matched_idx``: ``[B, R]`` int64 index of the matched box within its image, ``-1`` for background.
+    """
+
+    labels: Tensor
+    reg_targets: Tensor
+    matched_idx: Tensor
+
+
+def size_ranges(sizes_of_interest: Sequence[float], num_levels: int) -> list[tuple[float, float]]:
+    """``[64, 128, 256, 512]`` -> ``[(-1, 64), (64, 128), (128, 256), (256, 512), (512, INF)]``."""
+    bounds = [float(s) for s in sizes_of_interest]
+    if len(bounds) != num_levels - 1:
+        raise ValueError(f"sizes_of_interest needs {num_levels - 1} values for {num_levels} levels, got {bounds}")
+    if any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"sizes_of_interest must increase, got {bounds}")
+    edges = [-1.0, *bounds, INF]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def pad_boxes(
+    boxes: Sequence[Tensor], labels: Sequence[Tensor], crowd: Sequence[Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack per-image boxes ``[M_i, 4]`` into ``[B, M, 4]`` with labels ``[B, M]`` and a validity mask."""
+    batch = len(boxes)
+    max_boxes = max((b.shape[0] for b in boxes), default=0)
+    device = boxes[0].device if batch else torch.device("cpu")
+    out_boxes = torch.zeros(batch, max_boxes, 4, device=device, dtype=torch.float32)
+    out_labels = torch.zeros(batch, max_boxes, device=device, dtype=torch.int64)
+    valid = torch.zeros(batch, max_boxes, device=device, dtype=torch.bool)
+    for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):  # B iterations: a copy per image
+        m = b.shape[0]
+        out_boxes[i, :m] = b
+        out_labels[i, :m] = lab
+        valid[i, :m] = True if crowd is None else ~crowd[i].bool()
+    return out_boxes, out_labels, valid
+
+
+class TargetAssigner:
+    """Assigns FCOS targets for all images of a batch at once.
+
+    Args:
+        strides: stride of each level, finest first.
+        sizes_of_interest: ``L - 1`` boundaries between the levels' size ranges (AdelaiDet SIZES_OF_INTEREST).
+        center_sampling_radius: centre region radius in strides; 0 disables centre sampling (whole box).
+        inclusive_ranges: AdelaiDet tests ``lo <= max(ltrb) <= hi``; torchvision ``lo < max(ltrb) < hi``.
+        chunk_elements: upper bound on ``B * points_per_chunk * M`` for the pairwise work.
+    """
+
+    def __init__(
+        self,
+        strides: Sequence[int],
+        sizes_of_interest: Sequence[float] = (64, 128, 256, 512),
+        center_sampling_radius: float = 1.5,
+        inclusive_ranges: bool = True,
+        chunk_elements: int = 1 << 22,
+    ) -> None:
+        self.strides = [int(s) for s in strides]
+        self.ranges = size_ranges(sizes_of_interest, len(self.strides))
+        self.center_sampling_radius = float(center_sampling_radius)
+        self.inclusive_ranges = inclusive_ranges
+        self.chunk_elements = int(chunk_elements)
+
+    def point_attributes(self, points: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Concatenate level grids into ``[R, 2]`` points with per-point stride ``[R]`` and range ``[R, 2]``."""
+        if len(points) != len(self.strides):
+            raise ValueError(f"got {len(points)} point levels for {len(self.strides)} strides")
+        flat = torch.cat(list(points), dim=0)
+        counts = [p.shape[0] for p in points]
+        device = flat.device
+        strides = torch.tensor(self.strides, dtype=torch.float32, device=device).repeat_interleave(
+            torch.tensor(counts, device=device)
+        )
+        ranges = torch.tensor(self.ranges, dtype=torch.float32, device=device).repeat_interleave(
+            torch.tensor(counts, device=device), dim=0
+        )
+        return flat, strides, ranges
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        points: Sequence[Tensor],
+        gt_boxes: Sequence[Tensor],
+        gt_labels: Sequence[Tensor],
+        num_classes: int,
+        gt_crowd: Sequence[Tensor] | None = None,
+    ) -> FCOSTargets:
+        flat, point_strides, ranges = self.point_attributes(points)
+        boxes, labels, valid = pad_boxes(gt_boxes, gt_labels, gt_crowd)
+        batch, num_points = len(gt_boxes), flat.shape[0]
+        device = flat.device
+        out_labels = torch.full((batch, num_points), num_classes, dtype=torch.int64, device=device)
+        out_reg = torch.zeros(batch, num_points, 4, dtype=torch.float32, device=device)
+        out_idx = torch.full((batch, num_points), -1, dtype=torch.int64, device=device)
+        if boxes.shape[1] == 0:
+            return FCOSTargets(out_labels, out_reg, out_idx)
+
+        chunk = max(1, self.chunk_elements // (batch * boxes.shape[1]))
+        for start in range(0, num_points, chunk):  # bounded-memory chunks, not a loop over points
+            sl = slice(start, min(start + chunk, num_points))
+            idx, reg = self._assign_chunk(flat[sl], point_strides[sl], ranges[sl], boxes, valid)
+            pos = idx >= 0
+            out_idx[:, sl] = idx
+            out_reg[:, sl] = reg / point_strides[sl, None] * pos[..., None]
+            out_labels[:, sl] = torch.where(pos, labels.gather(1, idx.clamp(min=0)), num_classes)
+        return FCOSTargets(out_labels, out_reg, out_idx)
+
+    def _assign_chunk(
+        self, points: Tensor, strides: Tensor, ranges: Tensor, boxes: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        # points [P, 2], strides [P], ranges [P, 2], boxes [B, M, 4], valid [B, M]
+        x = points[None, :, 0, None]  # [1, P, 1]
+        y = points[None, :, 1, None]
+        x0, y0, x1, y1 = (boxes[:, None, :, k] for k in range(4))  # [B, 1, M]
+        ltrb = torch.stack((x - x0, y - y0, x1 - x, y1 - y), dim=-1)  # [B, P, M, 4]
+
+        if self.center_sampling_radius > 0:
+            radius = (strides * self.center_sampling_radius)[None, :, None]  # [1, P, 1]
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            inside = (
+                torch.stack(
+                    (
+                        x - torch.maximum(cx - radius, x0),
+                        y - torch.maximum(cy - radius, y0),
+                        torch.minimum(cx + radius, x1) - x,
+                        torch.minimum(cy + radius, y1) - y,
+                    ),
+                    dim=-1,
+                ).amin(dim=-1)
+                > 0
+            )
+        else:
+            inside = ltrb.amin(dim=-1) > 0
+
+        max_dist = ltrb.amax(dim=-1)  # [B, P, M]
+        lo, hi = ranges[None, :, 0, None], ranges[None, :, 1, None]
+        if self.inclusive_ranges:
+            in_range = (max_dist >= lo) & (max_dist <= hi)
+        else:
+            in_range = (max_dist > lo) & (max_dist < hi)
+
+        area = ((x1 - x0) * (y1 - y0)).expand_as(max_dist)
+        candidate = inside & in_range & valid[:, None, :]
+        min_area, idx = torch.where(candidate, area, INF).min(dim=2)  # first index on ties
+        pos = min_area < INF
+        reg = ltrb.gather(2, idx[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)  # [B, P, 4] pixels
+        return torch.where(pos, idx, -1), reg

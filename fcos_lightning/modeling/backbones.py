@@ -1,0 +1,205 @@
+"""timm feature extractors adapted to detectron2/AdelaiDet backbone semantics.
+
+:class:`TimmBackbone` wraps ``timm.create_model(name, features_only=True)`` and adds what AdelaiDet's
+backbones do on top of a classification trunk: FrozenBN, ``FREEZE_AT``, the MSRA stride placement
+(``STRIDE_IN_1X1``) and DCNv2 stages. Channels and strides come from timm's ``feature_info``.
+
+Supported and tested: ``resnet50``, ``resnet101``, ``resnext101_32x8d``, ``resnext101_64x4d`` (use
+``out_indices=(2, 3, 4)`` = res3, res4, res5: strides 8/16/32) and ``dla34`` (timm's feature index ``i`` is
+DLA's ``level{i}``; use ``out_indices=(3, 4, 5)`` = level3..level5: strides 8/16/32, channels 128/256/512).
+timm's ``dla34`` omits the ``project`` layers of ``level3``/``level4`` that ucbdrive's/AdelaiDet's DLA builds
+but never uses (41,728 parameters); the function computed is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models.resnet import Bottleneck
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from fcos_lightning.modeling.dcn import ModulatedDeformConv2d
+
+log = logging.getLogger(__name__)
+
+NORMS = ("frozen_bn", "bn", "syncbn")
+
+
+def frozen_batch_norm(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
+    """A ``FrozenBatchNorm2d`` carrying ``bn``'s affine terms and running statistics."""
+    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps).to(bn.running_mean.device)
+    if bn.affine:
+        frozen.weight.copy_(bn.weight.detach())
+        frozen.bias.copy_(bn.bias.detach())
+    frozen.running_mean.copy_(bn.running_mean)
+    frozen.running_var.copy_(bn.running_var)
+    return frozen
+
+
+def convert_frozen_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d``/``SyncBatchNorm`` inside ``module`` (or ``module`` itself) by FrozenBN.
+
+    Returns the converted module (a new object only when ``module`` itself is a BN layer).
+    """
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if type(module) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+            raise TypeError(f"cannot freeze {type(module).__name__}: only plain BatchNorm2d/SyncBatchNorm")
+        if module.running_mean is None:
+            raise ValueError("cannot freeze a BatchNorm without running statistics")
+        return frozen_batch_norm(module)
+    for name, child in module.named_children():
+        new = convert_frozen_batch_norm(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def load_trunk_weights(body: nn.Module, path: str | Path) -> None:
+    """Load a local timm/torchvision-style state dict (bare, or under ``state_dict``/``model``) into ``body``.
+
+    A leading ``module.`` (DDP) is stripped. Missing and unexpected keys are logged (a classifier ``fc`` is
+    expected to be unexpected); a file sharing no key with ``body`` is an error. Shape mismatches raise.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
+    own = body.state_dict().keys()
+    if not own & state.keys():
+        raise ValueError(f"{path}: no key matches the {type(body).__name__} trunk; is it the right file?")
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    log.info("loaded %d tensors from %s", len(own & state.keys()), path)
+    if missing:
+        log.warning("%s: %d trunk keys missing (left as initialised): %s", path, len(missing), missing)
+    if unexpected:
+        log.info("%s: %d unused keys: %s", path, len(unexpected), unexpected)
+
+
+class TimmBackbone(nn.Module):
+    """A timm trunk returning the feature maps selected by ``out_indices``, finest first.
+
+    Args:
+        name: timm model name (see the module docstring for the tested ones).
+        out_indices: timm feature indices; (2, 3, 4) = res3..res5 for ResNets, (3, 4, 5) = level3..5 for DLA.
+        pretrained: let timm fetch/cache its ImageNet weights (honours ``HF_HUB_OFFLINE``, the local cache).
+        weights: local timm/torchvision-style state-dict file, loaded before the stride/DCN/norm changes
+            (plain trunk keys; see :func:`load_trunk_weights`).
+        norm: ``"frozen_bn"`` (every BN frozen, detectron2's ``FrozenBN``), ``"bn"`` or ``"syncbn"``
+            (trainable BN; the training code turns ``syncbn`` into ``SyncBatchNorm`` under multi-GPU DDP).
+            Layers of frozen stages are FrozenBN whatever ``norm`` says.
+        freeze_at: detectron2 ``FREEZE_AT``: 0 or -1 nothing frozen, 1 the stem, k the stem and the first k-1
+            stages. ResNets: stem = ``conv1``/``bn1``, stages = ``layer1..layer4`` (res2..res5). DLA: stem =
+            ``base_layer``, stages = ``level0, level1, ..., level5``. Frozen = no grad + FrozenBN.
+        stride_in_1x1: MSRA/caffe2 ResNets (detectron2 ``STRIDE_IN_1X1``): the stride 2 of the first block of
+            res3..res5 sits on the 1x1 ``conv1`` instead of the 3x3 ``conv2`` (timm/torchvision placement).
+        dcn_stages: detectron2 stage numbers (2..5 = res2..res5) whose every block's 3x3 ``conv2`` becomes a
+            :class:`ModulatedDeformConv2d` (AdelaiDet ``DEFORM_ON_PER_STAGE``, ``DEFORM_MODULATED``).
+        dcn_deformable_groups: ``DEFORM_NUM_GROUPS``.
+        model_kwargs: extra ``timm.create_model`` arguments, e.g. ``{"channels": [16, 32, 64, 128]}`` for a
+            narrow ResNet (the CPU demo and tests).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        out_indices: Sequence[int] = (2, 3, 4),
+        pretrained: bool = False,
+        weights: str | None = None,
+        norm: str = "frozen_bn",
+        freeze_at: int = 2,
+        stride_in_1x1: bool = False,
+        dcn_stages: Sequence[int] = (),
+        dcn_deformable_groups: int = 1,
+        model_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.name = name
+        self.norm = norm
+        self.body = timm.create_model(
+            name,
+            features_only=True,
+            out_indices=tuple(out_indices),
+            pretrained=pretrained,
+            **(model_kwargs or {}),
+        )
+        if weights is not None:
+            load_trunk_weights(self.body, weights)
+
+        if stride_in_1x1:
+            for block in self._first_blocks():
+                block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+        for stage in dcn_stages:
+            for block in self._resnet_stage(stage, "dcn_stages"):
+                block.conv2 = ModulatedDeformConv2d.from_conv(block.conv2, deformable_groups=dcn_deformable_groups)
+
+        units = self._freeze_units()
+        if not -1 <= freeze_at <= len(units):
+            raise ValueError(f"freeze_at={freeze_at} outside [-1, {len(units)}] for {name} (stem + stages)")
+        for unit in units[: max(freeze_at, 0)]:
+            for attr in unit:
+                module = getattr(self.body, attr).requires_grad_(False)
+                setattr(self.body, attr, convert_frozen_batch_norm(module))
+        if norm == "frozen_bn":
+            convert_frozen_batch_norm(self.body)
+
+        self.out_channels: list[int] = list(self.body.feature_info.channels())
+        self.strides: list[int] = list(self.body.feature_info.reduction())
+
+    def _is_resnet(self) -> bool:
+        return all(hasattr(self.body, n) for n in ("conv1", "bn1", "layer1")) and all(
+            isinstance(b, Bottleneck) for b in self.body.layer1
+        )
+
+    def _resnet_stage(self, stage: int, what: str) -> nn.Sequential:
+        """Blocks of detectron2 stage ``res{stage}`` (timm ``layer{stage - 1}``); ResNet family only."""
+        if not self._is_resnet():
+            raise ValueError(f"{what} needs a bottleneck ResNet/ResNeXt, not {self.name}")
+        if stage not in (2, 3, 4, 5):
+            raise ValueError(f"{what}: stages are 2..5 (res2..res5), got {stage}")
+        layer = getattr(self.body, f"layer{stage - 1}", None)
+        if layer is None:
+            raise ValueError(f"{what}: res{stage} is not built for these out_indices")
+        return layer
+
+    def _first_blocks(self) -> list[Bottleneck]:
+        """Block 0 of the built stages among res3..res5, where a ResNet downsamples with a stride-2 conv2."""
+        if not self._is_resnet():
+            raise ValueError(f"stride_in_1x1 needs a bottleneck ResNet/ResNeXt, not {self.name}")
+        blocks = [getattr(self.body, f"layer{s - 1}")[0] for s in (3, 4, 5) if hasattr(self.body, f"layer{s - 1}")]
+        for block in blocks:
+            if block.conv1.stride != (1, 1) or block.conv2.stride != (2, 2):
+                raise ValueError(f"stride_in_1x1: {self.name} does not downsample in conv2 (dilated/AA?)")
+        return blocks
+
+    def _freeze_units(self) -> list[list[str]]:
+        """Trunk attribute names of ``[stem, stage 1, stage 2, ...]`` (``freeze_at`` order); [] if unknown."""
+        if hasattr(self.body, "conv1") and hasattr(self.body, "layer1"):
+            stem, stages = ["conv1", "bn1"], ["layer1", "layer2", "layer3", "layer4"]
+        elif hasattr(self.body, "base_layer"):
+            stem, stages = ["base_layer"], [f"level{i}" for i in range(6)]
+        else:
+            return []
+        return [stem] + [[n] for n in stages if hasattr(self.body, n)]
+
+    @property
+    def size_divisibility(self) -> int:
+        """Pad inputs to a multiple of this (the coarsest stride) so the FPN's top-down sums align."""
+        return max(self.strides)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return list(self.body(x))
+
+
+__all__ = ["TimmBackbone", "convert_frozen_batch_norm", "frozen_batch_norm", "load_trunk_weights"]

@@ -1,0 +1,93 @@
+"""Every experiment and model preset composes, instantiates (random weights) and runs one forward pass."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from fcos_lightning.app import build_module, make_schedule, world_size
+from fcos_lightning.data.coco import CategoryMap
+from fcos_lightning.precision import resolve_precision
+from tests.conftest import CONF_DIR
+
+EXPERIMENTS = sorted(
+    str(Path(p).relative_to(Path(CONF_DIR) / "experiment").with_suffix(""))
+    for p in glob.glob(os.path.join(CONF_DIR, "experiment", "**", "*.yaml"), recursive=True)
+)
+MODELS = sorted(Path(p).stem for p in glob.glob(os.path.join(CONF_DIR, "model", "*.yaml")))
+ZOO = {
+    "R_50_1x",
+    "MS_R_50_2x",
+    "MS_R_101_2x",
+    "MS_X_101_32x8d_2x",
+    "MS_X_101_64x4d_2x",
+    "MS_X_101_32x8d_2x_dcnv2",
+    "FCOS_RT/MS_DLA_34_4x_syncbn_shared_towers",
+    "FCOS_RT/MS_DLA_34_4x_syncbn",
+    "FCOS_RT/MS_R_50_4x_syncbn",
+    "FCOS_RT/MS_DLA_34_4x_syncbn_shared_towers_bn_head",
+    "FCOS_RT/MS_DLA_34_4x_syncbn_bn_head",
+    "FCOS_RT/MS_R_50_4x_syncbn_bn_head",
+}
+CATEGORIES = CategoryMap(cat_ids=(1, 3, 7), names=("a", "b", "c"))
+
+
+def test_every_zoo_row_has_a_preset():
+    assert set(EXPERIMENTS) >= ZOO
+
+
+def _forward(cfg, tmp_path) -> None:
+    module = build_module(cfg, CATEGORIES.num_classes, CATEGORIES, make_schedule(cfg.schedule, 16))
+    module.eval()
+    images = torch.randint(0, 256, (1, 3, 96, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        out = module(images, torch.tensor([[96, 120]]))
+    strides = module.model.strides
+    assert len(out.cls_logits) == len(strides) == len(module.model.sizes_of_interest) + 1
+    for logits, reg, ctr, s in zip(out.cls_logits, out.box_reg, out.centerness, strides, strict=True):
+        assert logits.shape == (1, 3, -(-96 // s), -(-128 // s))
+        assert reg.shape[1] == 4 and ctr.shape[1] == 1 and (reg >= 0).all()
+    dets = module.detect(out, module.points(out), torch.tensor([[96, 120]]), torch.tensor([[192, 240]]))
+    assert len(dets) == 1 and set(dets[0]) == {"boxes", "scores", "labels"}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(experiment, compose_cfg, tmp_path):
+    cfg = compose_cfg("train", [f"experiment={experiment}"], tmp_path)
+    assert OmegaConf.select(cfg, "model.backbone.pretrained") is False
+    # the datamodule class and the trainer instantiate from the composed config
+    dm_target = instantiate(cfg.data.datamodule, _partial_=True)
+    assert dm_target.func.__name__ == "COCODataModule"
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    trainer = instantiate(cfg.trainer, precision=precision, max_steps=1, logger=False, enable_checkpointing=False)
+    assert trainer.max_steps == 1
+    _forward(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_model_preset_builds(model, compose_cfg, tmp_path):
+    cfg = compose_cfg("train", [f"model={model}"], tmp_path)
+    _forward(cfg, tmp_path)
+
+
+def test_rt_model_with_devices_override_composes(compose_cfg):
+    cfg = compose_cfg("train", ["model=dla34_rt", "trainer.devices=8"])
+    assert world_size(cfg.trainer) == 8
+    assert cfg.model.top_levels == 0 and list(cfg.model.sizes_of_interest) == [64, 128]
+
+
+def test_schedule_scales_lr_and_iterations_with_global_batch(compose_cfg):
+    cfg = compose_cfg("train", ["schedule=1x", "trainer.devices=4", "trainer.num_nodes=2", "data.batch_size=4"])
+    global_batch = world_size(cfg.trainer) * cfg.data.batch_size
+    assert global_batch == 32
+    schedule = make_schedule(cfg.schedule, global_batch)
+    assert schedule.lr == pytest.approx(0.02)
+    assert schedule.max_steps == 45000 and schedule.milestones == [30000, 40000] and schedule.warmup_iters == 500
+    same = make_schedule(cfg.schedule, 16)
+    assert same.lr == pytest.approx(0.01) and same.max_steps == 90000 and same.milestones == [60000, 80000]

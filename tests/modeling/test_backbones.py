@@ -1,0 +1,341 @@
+"""TimmBackbone: shapes from feature_info, FrozenBN/freeze_at, stride_in_1x1, DCN stages, weight loading, and
+parameter counts that add up to AdelaiDet's published detector totals."""
+
+import copy
+import functools
+import logging
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from fcos_lightning.modeling.backbones import TimmBackbone, convert_frozen_batch_norm
+from fcos_lightning.modeling.dcn import ModulatedDeformConv2d
+
+RESNET_C3_C5 = [512, 1024, 2048]
+DLA_LEVEL3_5 = [128, 256, 512]
+DLA = {"name": "dla34", "out_indices": (3, 4, 5), "norm": "syncbn", "freeze_at": -1}
+
+
+@functools.cache
+def _build(name: str, **kwargs) -> TimmBackbone:
+    return TimmBackbone(name, **kwargs)
+
+
+def build(name: str, **kwargs) -> TimmBackbone:
+    """A cached backbone (building X-101s costs seconds) with its gradients cleared."""
+    backbone = _build(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+    backbone.zero_grad(set_to_none=True)
+    return backbone
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- parameter counts of what AdelaiDet puts on top of the backbone (FCOS_SPEC.md §1.3, §1.4) ---------------
+
+
+def conv(k: int, cin: int, cout: int, bias: bool = True, groups: int = 1) -> int:
+    return k * k * cin // groups * cout + (cout if bias else 0)
+
+
+def fpn_params(in_channels: list[int], top_levels: int, ch: int = 256) -> int:
+    """Lateral 1x1 + output 3x3 per input (bias, no norm), plus P6/P7 3x3 stride-2 convs."""
+    return sum(conv(1, c, ch) + conv(3, ch, ch) for c in in_channels) + top_levels * conv(3, ch, ch)
+
+
+def head_params(levels: int, norm: str = "gn", shared: bool = False, dcn: bool = False, classes: int = 80) -> int:
+    """4 cls + 4 bbox (or 4 shared) conv3x3(bias)+norm (GN: one affine pair, "bn": one BN per level);
+    cls_logits, bbox_pred, ctrness; one Scale per level; DCN head: the last cls and bbox tower conv gain a
+    27-channel offset conv."""
+    ch = 256
+    norm_affine = 2 * ch * (levels if norm == "bn" else 1)
+    towers = (4 if shared else 8) * (conv(3, ch, ch) + norm_affine)
+    predictors = conv(3, ch, classes) + conv(3, ch, 4) + conv(3, ch, 1)
+    return towers + predictors + levels + (2 * conv(3, ch, 27) if dcn else 0)
+
+
+# ucbdrive/AdelaiDet DLA-34 builds level3.project and level4.project (1x1 conv + BN) but never calls them;
+# timm's dla34 omits them (the rest of the state dict matches key for key and shape for shape).
+DLA_UNUSED_PROJECT = (conv(1, 64, 128, bias=False) + 2 * 128) + (conv(1, 128, 256, bias=False) + 2 * 256)
+
+# (AdelaiDet config, backbone kwargs, AdelaiDet total from adelaidet_fcos_keys.txt, FPN + head params, unused)
+PUBLISHED = [
+    ("R_50_1x", {"name": "resnet50"}, 32_244_250, fpn_params(RESNET_C3_C5, 2) + head_params(5), 0),
+    (
+        "RT_MS_R_50_4x_syncbn",
+        {"name": "resnet50", "norm": "syncbn"},
+        31_114_264,
+        fpn_params(RESNET_C3_C5, 0) + head_params(3),
+        0,
+    ),
+    (
+        "RT_MS_R_50_4x_syncbn_bn_head",
+        {"name": "resnet50", "norm": "syncbn"},
+        31_122_456,
+        fpn_params(RESNET_C3_C5, 0) + head_params(3, norm="bn"),
+        0,
+    ),
+    (
+        "MS_X_101_32x8d_2x_dcnv2",
+        {"name": "resnext101_32x8d", "dcn_stages": (4, 5)},
+        102_670_094,
+        fpn_params(RESNET_C3_C5, 2) + head_params(5, dcn=True),
+        0,
+    ),
+    (
+        "RT_MS_DLA_34_4x_syncbn",
+        DLA,
+        22_191_880,
+        fpn_params(DLA_LEVEL3_5, 0) + head_params(3),
+        DLA_UNUSED_PROJECT,
+    ),
+    (
+        "RT_MS_DLA_34_4x_syncbn_shared_towers",
+        DLA,
+        19_829_512,
+        fpn_params(DLA_LEVEL3_5, 0) + head_params(3, shared=True),
+        DLA_UNUSED_PROJECT,
+    ),
+    (
+        "RT_MS_DLA_34_4x_syncbn_shared_towers_bn_head",
+        DLA,
+        19_833_608,
+        fpn_params(DLA_LEVEL3_5, 0) + head_params(3, norm="bn", shared=True),
+        DLA_UNUSED_PROJECT,
+    ),
+]
+
+
+@pytest.mark.parametrize(("config", "kwargs", "total", "fpn_head", "unused"), PUBLISHED, ids=[c[0] for c in PUBLISHED])
+def test_parameter_count_matches_adelaidet(config, kwargs, total, fpn_head, unused):
+    assert n_params(build(**kwargs)) == total - fpn_head - unused
+
+
+def bottleneck_resnet_params(blocks: list[int], groups: int = 1, width_per_group: int = 64) -> int:
+    """Conv weights of a detectron2 bottleneck ResNet/ResNeXt trunk (all FrozenBN: no BN parameters)."""
+    total = conv(7, 3, 64, bias=False)
+    cin = 64
+    for stage, n in enumerate(blocks):
+        width, cout = groups * width_per_group * 2**stage, 256 * 2**stage
+        total += conv(1, cin, cout, bias=False)  # shortcut of block 0
+        for i in range(n):
+            block_in = cin if i == 0 else cout
+            total += (
+                conv(1, block_in, width, False) + conv(3, width, width, False, groups) + conv(1, width, cout, False)
+            )
+        cin = cout
+    return total
+
+
+@pytest.mark.parametrize(
+    ("name", "blocks", "groups", "width_per_group"),
+    [
+        ("resnet50", [3, 4, 6, 3], 1, 64),
+        ("resnet101", [3, 4, 23, 3], 1, 64),
+        ("resnext101_32x8d", [3, 4, 23, 3], 32, 8),
+        ("resnext101_64x4d", [3, 4, 23, 3], 64, 4),
+    ],
+)
+def test_parameter_count_matches_detectron2_resnet(name, blocks, groups, width_per_group):
+    count = n_params(build(name))
+    print(f"{name} FrozenBN backbone: {count:,} parameters")
+    assert count == bottleneck_resnet_params(blocks, groups, width_per_group)
+
+
+# --- forward / backward -------------------------------------------------------------------------------------
+
+# The 101-layer models train only res5 here (freeze_at=4): bf16 convolutions fall back to slow kernels on CPUs
+# without native bf16, and weight gradients of 23 res4 blocks would dominate the test time; res5 of the X-101
+# holds DCN layers, so the DCN backward runs under autocast too. R-50 covers the default freeze_at=2.
+FORWARD_CASES = [
+    ({"name": "resnet50"}, RESNET_C3_C5),
+    ({"name": "resnet101", "freeze_at": 4}, RESNET_C3_C5),
+    ({"name": "resnext101_32x8d", "dcn_stages": (4, 5), "freeze_at": 4}, RESNET_C3_C5),
+    ({"name": "resnext101_64x4d", "freeze_at": 4}, RESNET_C3_C5),
+    (DLA, DLA_LEVEL3_5),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "channels"), FORWARD_CASES, ids=[c[0]["name"] for c in FORWARD_CASES])
+def test_forward_backward_fp32_and_bf16_autocast(kwargs, channels):
+    backbone = build(**kwargs)
+    assert backbone.out_channels == channels
+    assert backbone.strides == [8, 16, 32]
+    assert backbone.size_divisibility == 32
+    x = torch.randn(1, 3, 32, 64)
+    frozen = [p for p in backbone.parameters() if not p.requires_grad]
+    trainable = [p for p in backbone.parameters() if p.requires_grad]
+    for autocast in (False, True):
+        backbone.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            feats = backbone(x)
+        assert len(feats) == len(channels)
+        for f, c, s in zip(feats, backbone.out_channels, backbone.strides, strict=True):
+            assert f.shape == (1, c, 32 // s, 64 // s)
+            assert torch.isfinite(f).all()
+        sum(f.float().square().mean() for f in feats).backward()
+        assert all(p.grad is None for p in frozen)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+    backbone.zero_grad(set_to_none=True)  # the backbone stays cached: free its gradients
+
+
+# --- norm and freezing --------------------------------------------------------------------------------------
+
+RESNET_UNITS = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+
+
+@pytest.mark.parametrize("freeze_at", [-1, 0, 1, 2, 5])
+def test_freeze_at_resnet(freeze_at):
+    backbone = build("resnet50", norm="bn", freeze_at=freeze_at)
+    for i, unit in enumerate(RESNET_UNITS):
+        frozen = i < freeze_at
+        modules = [m for attr in unit for m in getattr(backbone.body, attr).modules()]
+        assert all(p.requires_grad != frozen for m in modules for p in m.parameters()), (unit, freeze_at)
+        bn_types = {type(m) for m in modules if isinstance(m, nn.BatchNorm2d | FrozenBatchNorm2d)}
+        assert bn_types == ({FrozenBatchNorm2d} if frozen else {nn.BatchNorm2d}), (unit, freeze_at)
+
+
+def test_freeze_at_dla_maps_stem_then_levels():
+    backbone = build("dla34", out_indices=(3, 4, 5), norm="bn", freeze_at=2)
+    body = backbone.body
+    assert not any(p.requires_grad for p in [*body.base_layer.parameters(), *body.level0.parameters()])
+    assert all(p.requires_grad for p in body.level1.parameters())
+    assert isinstance(body.level0[1], FrozenBatchNorm2d) and isinstance(body.level1[1], nn.BatchNorm2d)
+
+
+def test_frozen_stages_stay_frozen_in_train_mode():
+    backbone = build("resnet50", norm="bn", freeze_at=2).train()
+    frozen_bn = backbone.body.layer1[0].bn1
+    live_bn = backbone.body.layer2[0].bn1
+    frozen_before = frozen_bn.running_mean.clone(), backbone.body.bn1.running_var.clone()
+    live_before = live_bn.running_mean.clone()
+    x = torch.randn(2, 3, 32, 32)
+    out = backbone(x)
+    assert torch.equal(frozen_bn.running_mean, frozen_before[0])
+    assert torch.equal(backbone.body.bn1.running_var, frozen_before[1])
+    assert not torch.equal(live_bn.running_mean, live_before)
+    sum(f.sum() for f in out).backward()
+    assert all(p.grad is None for p in [*backbone.body.conv1.parameters(), *backbone.body.layer1.parameters()])
+    assert backbone.body.layer2[0].conv1.weight.grad is not None
+    stem = nn.Sequential(backbone.body.conv1, backbone.body.bn1)
+    with torch.no_grad():
+        torch.testing.assert_close(stem.train()(x), stem.eval()(x))
+
+
+def test_frozen_bn_everywhere_matches_batch_norm_in_eval():
+    backbone = build("resnet50", norm="frozen_bn", freeze_at=0)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
+    assert all(p.requires_grad for p in backbone.parameters())
+    assert all(p.ndim == 4 for p in backbone.parameters())  # FrozenBN affine terms are buffers
+
+    torch.manual_seed(0)
+    trunk = timm.create_model("resnet50", features_only=True, out_indices=(2, 3, 4)).eval()
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    frozen = convert_frozen_batch_norm(copy.deepcopy(trunk)).train()
+    assert all(m.eps == 1e-5 for m in frozen.modules() if isinstance(m, FrozenBatchNorm2d))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(trunk(x), frozen(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+# --- stride_in_1x1, DCN -------------------------------------------------------------------------------------
+
+
+def test_stride_in_1x1_moves_the_stride_and_changes_the_function():
+    msra = copy.deepcopy(build("resnet50", stride_in_1x1=True))
+    torch.manual_seed(0)
+    for m in msra.modules():
+        if isinstance(m, FrozenBatchNorm2d):  # timm zero-inits the last BN of each block: make branches live
+            m.weight.uniform_(0.5, 1.5)
+    default = copy.deepcopy(build("resnet50"))
+    default.load_state_dict(msra.state_dict())
+    for layer in (msra.body.layer2, msra.body.layer3, msra.body.layer4):
+        assert layer[0].conv1.stride == (2, 2) and layer[0].conv2.stride == (1, 1)
+        assert all(b.conv1.stride == (1, 1) and b.conv2.stride == (1, 1) for b in layer[1:])
+    assert msra.body.layer1[0].conv1.stride == (1, 1)
+    assert default.body.layer2[0].conv2.stride == (2, 2)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        a, b = msra(x), default(x)
+    assert [t.shape for t in a] == [t.shape for t in b]
+    assert not torch.allclose(a[0], b[0], rtol=1e-3, atol=1e-3)
+
+
+def test_dcn_stages_replace_every_conv2():
+    backbone = build("resnet50", dcn_stages=(4, 5), dcn_deformable_groups=2)
+    body = backbone.body
+    for layer in (body.layer3, body.layer4):
+        for block in layer:
+            assert isinstance(block.conv2, ModulatedDeformConv2d)
+            assert block.conv2.bias is None and block.conv2.deformable_groups == 2
+            assert block.conv2.offset.out_channels == 2 * 27
+    assert not any(isinstance(m, ModulatedDeformConv2d) for m in [*body.layer1.modules(), *body.layer2.modules()])
+    assert body.layer3[0].conv2.stride == (2, 2)
+    added = 6 * conv(3, 256, 54) + 3 * conv(3, 512, 54)
+    assert n_params(backbone) == n_params(build("resnet50")) + added
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"name": "dla34", "stride_in_1x1": True}, "stride_in_1x1"),
+        ({"name": "dla34", "dcn_stages": (4,)}, "dcn_stages"),
+        ({"name": "resnet50", "dcn_stages": (6,)}, "dcn_stages"),
+        ({"name": "resnet50", "norm": "gn"}, "norm"),
+        ({"name": "resnet50", "freeze_at": 6}, "freeze_at"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TimmBackbone(**kwargs)
+
+
+# --- weights ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imagenet_like_resnet50() -> nn.Module:
+    """A full timm classifier (with ``fc``, as an ImageNet checkpoint has) with non-trivial BN statistics."""
+    torch.manual_seed(0)
+    source = timm.create_model("resnet50").eval()
+    with torch.no_grad():
+        for m in source.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+    return source
+
+
+@pytest.mark.parametrize("wrapper", [None, "state_dict", "model"])
+def test_loads_local_weights(tmp_path, caplog, imagenet_like_resnet50, wrapper):
+    source = imagenet_like_resnet50
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    path = tmp_path / "r50.pth"
+    torch.save(state if wrapper is None else {wrapper: state}, path)
+    with caplog.at_level(logging.INFO, logger="fcos_lightning.modeling.backbones"):
+        backbone = TimmBackbone("resnet50", weights=str(path))
+    assert "fc.weight" in caplog.text
+    assert torch.equal(backbone.body.layer3[2].conv2.weight, source.layer3[2].conv2.weight)
+    assert torch.equal(backbone.body.layer1[0].bn1.running_mean, source.layer1[0].bn1.running_mean)
+    x = torch.randn(1, 3, 32, 64)
+    with torch.no_grad():
+        expected = source.forward_intermediates(x, indices=(2, 3, 4), intermediates_only=True)
+        for a, b in zip(backbone(x), expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_rejects_weights_that_match_nothing(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"model": {"encoder.weight": torch.zeros(3)}}, path)
+    with pytest.raises(ValueError, match="no key matches"):
+        TimmBackbone("resnet50", weights=str(path))
