@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -79,6 +80,17 @@ def make_schedule(schedule_cfg: DictConfig, global_batch: int) -> Schedule:
     )
 
 
+def build(cfg: DictConfig, **kwargs):
+    """``hydra.utils.instantiate`` that raises the constructor's own error (e.g. FileNotFoundError naming the
+    missing file) instead of Hydra's wrapper around it."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        if e.__cause__ is not None:
+            raise e.__cause__ from None
+        raise
+
+
 def prepare_data(data_cfg: DictConfig) -> None:
     """Build the generated demo dataset on first use (``data.generate_demo``)."""
     if data_cfg.get("generate_demo", False):
@@ -96,7 +108,7 @@ def prepare_data(data_cfg: DictConfig) -> None:
 
 def build_module(cfg: DictConfig, num_classes: int, category_map: CategoryMap, schedule: Schedule | None):
     """The LightningModule for ``cfg`` with a freshly initialised network."""
-    model = instantiate(cfg.model, num_classes=num_classes)
+    model = build(cfg.model, num_classes=num_classes)
     extra = {}
     if schedule is not None:
         extra = {
@@ -135,7 +147,7 @@ def train(cfg: DictConfig) -> float:
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
     prepare_data(cfg.data)
-    datamodule = instantiate(cfg.data.datamodule)
+    datamodule = build(cfg.data.datamodule)
     global_batch = world_size(cfg.trainer) * cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)
     schedule = make_schedule(cfg.schedule, global_batch)
     module = build_module(cfg, datamodule.num_classes, datamodule.category_map, schedule)
@@ -209,7 +221,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # The class map comes from the checkpoint; read categories from the val file (train data may be absent).
     dm_cfg.train_ann_file, dm_cfg.train_img_dir = dm_cfg.val_ann_file, dm_cfg.val_img_dir
     category_map = CategoryMap.from_dict(ckpt["category_map"])
-    datamodule = instantiate(dm_cfg)
+    datamodule = build(dm_cfg)
     if datamodule.category_map != category_map:
         raise ValueError(
             f"{dm_cfg.val_ann_file}: categories {list(datamodule.category_map.cat_ids)} differ from the "

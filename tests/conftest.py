@@ -34,3 +34,13 @@ def compose_config(config_name: str, overrides: list[str], output_dir: str | os.
 @pytest.fixture
 def compose_cfg():
     return compose_config
+
+
+@pytest.fixture
+def single_thread():
+    """Small tensor ops: one intra-op thread is as fast and immune to a busy CPU, where spinning OpenMP workers
+    slowed such tests tenfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,6 +21,7 @@ from tests.conftest import compose_config
 TINY = [
     "experiment=demo",
     "data.batch_size=4",
+    "schedule.reference_batch_size=4",
     "data.num_workers=0",
     "data.datamodule.train_min_sizes=[192]",
     "data.datamodule.test_min_size=192",
@@ -28,7 +29,7 @@ TINY = [
     "model.fpn_channels=32",
     "model.head.num_cls_convs=1",
     "model.head.num_box_convs=1",
-    "+model.backbone.model_kwargs={channels:[16,32,64,128],stem_width:16}",
+    "model.backbone.model_kwargs={channels:[16,32,64,128],stem_width:16}",
     "module.postprocessor.score_thresh=0.001",
     "module.num_vis_images=2",
     "trainer.enable_progress_bar=false",
@@ -115,12 +116,13 @@ def test_resume_continues_at_same_step_and_lr(dataset, tmp_path):
     run = tmp_path / "run"
     schedule = [
         "schedule.max_iter=12",
+        "schedule.base_lr=0.01",
         "schedule.val_interval=4",
         "schedule.warmup_iters=6",
         "schedule.milestones=[10]",
         "callbacks.checkpoint.save_top_k=-1",
         "callbacks.checkpoint.monitor=step",
-        "callbacks.checkpoint.filename=step{step:03d}",
+        "callbacks.checkpoint.filename='step{step:03d}'",
     ]
     train(tiny_cfg(dataset, run, *schedule))
     ckpt8 = run / "checkpoints" / "step008.ckpt"
@@ -138,12 +140,12 @@ def test_resume_continues_at_same_step_and_lr(dataset, tmp_path):
         )
     )
     first = json.loads(probe.read_text())
-    base_lr = 0.01 * 4 / 8  # demo schedule: 0.01 at batch 8, run at batch 4
     assert first["step"] == 8
-    # after 8 steps the scaled schedule (x2 steps at half the batch) is in warmup until 12, milestone at 20
-    assert first["lr"] == pytest.approx(base_lr * warmup_multistep(8, 12, 0.001, [20], 0.1))
+    # step 8 of the schedule: past the 6-step warmup, before the milestone at 10
+    assert first["lr"] == pytest.approx(0.01 * warmup_multistep(8, 6, 0.001, [10], 0.1))
+    assert warmup_multistep(0, 6, 0.001, [10], 0.1) < 0.01  # a restart from scratch would be in warmup
     final = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert final["global_step"] == 24
+    assert final["global_step"] == 12
 
 
 def test_missing_annotation_file_fails_at_start_naming_it(dataset, tmp_path):

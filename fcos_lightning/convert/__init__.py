@@ -1,0 +1,19 @@
+"""Checkpoint converters from other FCOS implementations into this package's :class:`FCOS` keys."""
+
+from fcos_lightning.convert.torchvision import (
+    COCO80_TO_TORCHVISION91,
+    TORCHVISION_GEOMETRY,
+    TorchvisionGeometry,
+    check_shapes,
+    load_torchvision_weights,
+    torchvision_to_fcos,
+)
+
+__all__ = [
+    "COCO80_TO_TORCHVISION91",
+    "TORCHVISION_GEOMETRY",
+    "TorchvisionGeometry",
+    "check_shapes",
+    "load_torchvision_weights",
+    "torchvision_to_fcos",
+]

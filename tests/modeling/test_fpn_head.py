@@ -1,0 +1,209 @@
+"""FPN and FCOS head: shapes, the P6/P7 wiring, head variants, initialisation and parameter counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fcos_lightning.modeling.dcn import ModulatedDeformConv2d
+from fcos_lightning.modeling.fpn import FPN
+from fcos_lightning.modeling.head import FCOSHead
+
+IN_CHANNELS = (8, 16, 32)
+IN_STRIDES = (8, 16, 32)
+
+
+def backbone_features(batch: int = 2, height: int = 64, width: int = 96, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, c, height // s, width // s, generator=g) for c, s in zip(IN_CHANNELS, IN_STRIDES)]
+
+
+@pytest.mark.parametrize("top_levels", [0, 1, 2])
+def test_fpn_strides_and_channels(top_levels):
+    fpn = FPN(IN_CHANNELS, IN_STRIDES, out_channels=16, top_levels=top_levels)
+    expected_strides = [8, 16, 32, 64, 128][: 3 + top_levels]
+    assert fpn.strides == expected_strides and fpn.out_channels == 16
+    outputs = fpn(backbone_features(height=256, width=384))
+    assert [o.shape for o in outputs] == [torch.Size([2, 16, 256 // s, 384 // s]) for s in expected_strides]
+
+
+def test_fpn_matches_manual_computation_with_p6_from_p5_and_relu_before_p7():
+    torch.manual_seed(0)
+    fpn = FPN(IN_CHANNELS, IN_STRIDES, out_channels=16, top_levels=2)
+    with torch.no_grad():
+        for p in fpn.parameters():
+            p.normal_()  # non-zero biases too
+    c3, c4, c5 = backbone_features()
+
+    def conv(module, x, stride=1):
+        return F.conv2d(x, module.weight, module.bias, stride=stride, padding=module.weight.shape[-1] // 2)
+
+    lat3, lat4, lat5 = (conv(m, c) for m, c in zip(fpn.lateral_convs, (c3, c4, c5)))
+    m5 = lat5
+    m4 = lat4 + m5.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # nearest 2x upsampling
+    m3 = lat3 + m4.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    p3, p4, p5 = (conv(m, x) for m, x in zip(fpn.output_convs, (m3, m4, m5)))
+    p6 = conv(fpn.top_convs[0], p5, stride=2)  # from the FPN's P5, not from C5
+    p7 = conv(fpn.top_convs[1], p6.relu(), stride=2)
+    outputs = fpn([c3, c4, c5])
+    for name, ours, ref in zip(("P3", "P4", "P5", "P6", "P7"), outputs, (p3, p4, p5, p6, p7)):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4, msg=name)
+    assert (p6 < 0).any()  # the ReLU before P7 mattered
+    wrong_p7 = conv(fpn.top_convs[1], p6, stride=2)
+    assert not torch.allclose(outputs[4], wrong_p7, atol=1e-3)
+
+
+def test_fpn_rejects_bad_configs():
+    with pytest.raises(ValueError, match="doubling"):
+        FPN((8, 16), (8, 24))
+    with pytest.raises(ValueError, match="top_levels"):
+        FPN(IN_CHANNELS, IN_STRIDES, top_levels=3)
+    with pytest.raises(ValueError, match="in_channels"):
+        FPN((8, 16), IN_STRIDES)
+
+
+def pyramid(levels: int = 3, channels: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, channels, 16 >> i, 24 >> i, generator=g) * (1 + i) + i for i in range(levels)]
+
+
+@pytest.mark.parametrize("norm", ["GN", "BN", "SyncBN", "none"])
+def test_head_variants_shapes_and_non_negative_regression(norm):
+    head = FCOSHead(in_channels=32, num_classes=5, num_levels=3, norm=norm)
+    with torch.no_grad():
+        head.bbox_pred.weight.normal_()  # plenty of negative pre-activations
+    out = head(pyramid())
+    for level, x in enumerate(pyramid()):
+        h, w = x.shape[-2:]
+        assert out.cls_logits[level].shape == (2, 5, h, w)
+        assert out.box_reg[level].shape == (2, 4, h, w)
+        assert out.centerness[level].shape == (2, 1, h, w)
+    regression = torch.cat([r.flatten() for r in out.box_reg])
+    assert regression.min() == 0 and (regression == 0).any() and (regression > 0).any()  # relu(scale * x)
+    norms = [layer.norm for layer in head.cls_tower]
+    if norm == "GN":
+        assert all(isinstance(n, nn.GroupNorm) and n.num_groups == 32 for n in norms)
+    elif norm in ("BN", "SyncBN"):
+        assert all(isinstance(n, nn.ModuleList) and len(n) == 3 for n in norms)
+        assert all(isinstance(bn, nn.BatchNorm2d) for n in norms for bn in n)
+    else:
+        assert all(n is None for n in norms)
+    assert len(head.cls_tower) == 4 and len(head.box_tower) == 4 and len(head.share_tower) == 0
+
+
+def test_unknown_head_norm():
+    with pytest.raises(ValueError, match="unknown head norm"):
+        FCOSHead(in_channels=32, num_levels=3, norm="LN")  # type: ignore[arg-type]
+
+
+def test_per_level_batch_norm_is_distinct_per_level():
+    head = FCOSHead(in_channels=32, num_classes=2, num_levels=3, norm="BN", num_cls_convs=1, num_box_convs=1)
+    head.train()
+    features = pyramid()  # level i has mean ~i and std ~(1 + i)
+    head(features)
+    bns = head.cls_tower[0].norm
+    means = [bn.running_mean.clone() for bn in bns]
+    assert all(bn.num_batches_tracked.item() == 1 for bn in bns)  # each level updated its own BN, once
+    assert not torch.allclose(means[0], means[1]) and not torch.allclose(means[1], means[2])
+    # each BN saw exactly its level's conv output
+    for level, bn in enumerate(bns):
+        conv_out = head.cls_tower[0].conv(features[level]).detach()
+        torch.testing.assert_close(bn.running_mean, 0.1 * conv_out.mean(dim=(0, 2, 3)))
+    # in eval mode the same input gives different outputs on different levels (different statistics)
+    head.eval()
+    x = features[0][:, :, :4, :6]
+    out = head([x, x, x])
+    assert not torch.allclose(out.cls_logits[0], out.cls_logits[1])
+    assert torch.equal(head([x, x, x]).cls_logits[0], out.cls_logits[0])
+
+
+def test_shared_towers():
+    head = FCOSHead(in_channels=32, num_classes=3, num_levels=2, num_cls_convs=0, num_box_convs=0, num_share_convs=4)
+    assert len(head.share_tower) == 4 and len(head.cls_tower) == 0 and len(head.box_tower) == 0
+    features = pyramid(levels=2)
+    out = head(features)
+    for level, x in enumerate(features):  # every predictor reads the shared tower's output
+        shared = head.share_tower(x, level)
+        torch.testing.assert_close(out.cls_logits[level], head.cls_logits(shared))
+        torch.testing.assert_close(out.centerness[level], head.centerness(shared))
+        torch.testing.assert_close(out.box_reg[level], F.relu(head.scales[level](head.bbox_pred(shared))))
+    assert not any(k.startswith(("cls_tower", "box_tower")) for k in head.state_dict())
+
+
+def test_deformable_last_tower_conv():
+    head = FCOSHead(in_channels=32, num_classes=3, num_levels=2, use_deformable=True)
+    for tower in (head.cls_tower, head.box_tower):
+        kinds = [type(layer.conv) for layer in tower]
+        assert kinds == [nn.Conv2d, nn.Conv2d, nn.Conv2d, ModulatedDeformConv2d]
+        dcn = tower[3].conv
+        # AdelaiDet re-initialises the offset conv (an nn.Conv2d) with N(0, 0.01) like every head conv
+        assert 0.005 < dcn.offset.weight.std().item() < 0.015 and torch.all(dcn.offset.bias == 0)
+        assert dcn.weight.std().item() > 0.02  # the DCN weight keeps its kaiming init
+    out = head(pyramid(levels=2))
+    assert out.cls_logits[0].shape == (2, 3, 16, 24)
+
+
+def test_initialisation_and_prior_bias():
+    torch.manual_seed(0)
+    head = FCOSHead(in_channels=256, num_classes=80, num_levels=5)
+    torch.testing.assert_close(head.cls_logits.bias, torch.full((80,), -4.59512), rtol=0, atol=1e-5)
+    assert head.cls_logits.bias[0].item() == pytest.approx(-math.log(99), abs=1e-6)
+    for name, m in head.named_modules():
+        if isinstance(m, nn.Conv2d):
+            assert abs(m.weight.std().item() - 0.01) < 1e-3, name
+            if m is not head.cls_logits:
+                assert torch.all(m.bias == 0), name
+    assert all(s.scale.item() == 1.0 and s.scale.requires_grad for s in head.scales)
+    fixed = FCOSHead(in_channels=32, num_classes=2, num_levels=3, use_scale=False)
+    assert not any(p.requires_grad for p in fixed.scales.parameters())
+
+
+RESNET50_CONV_PARAMS = 23_454_912  # ResNet-50 up to res5, no fc; its FrozenBN tensors are buffers
+
+
+def conv_params(cin: int, cout: int, k: int) -> int:
+    return cin * cout * k * k + cout
+
+
+@pytest.mark.parametrize(
+    ("norm", "num_classes", "top_levels", "shared"),
+    [
+        ("GN", 80, 2, False),
+        ("GN", 91, 2, False),
+        ("BN", 80, 0, False),
+        ("SyncBN", 80, 0, True),
+        ("none", 3, 1, False),
+    ],
+)
+def test_parameter_counts_from_layer_shapes(norm, num_classes, top_levels, shared):
+    in_channels, c = (512, 1024, 2048), 256
+    fpn = FPN(in_channels, (8, 16, 32), c, top_levels)
+    levels = 3 + top_levels
+    convs = (0, 0, 4) if shared else (4, 4, 0)
+    head = FCOSHead(c, num_classes, levels, *convs, norm=norm)
+    tower_layers = sum(convs)
+    norm_params = {"GN": 2 * c, "BN": 2 * c * levels, "SyncBN": 2 * c * levels, "none": 0}[norm]
+    expected_fpn = sum(conv_params(ci, c, 1) for ci in in_channels) + (3 + top_levels) * conv_params(c, c, 3)
+    expected_head = (
+        tower_layers * (conv_params(c, c, 3) + norm_params)
+        + conv_params(c, num_classes, 3)
+        + conv_params(c, 4, 3)
+        + conv_params(c, 1, 3)
+        + levels  # one Scale per level
+    )
+    assert sum(p.numel() for p in fpn.parameters()) == expected_fpn
+    assert sum(p.numel() for p in head.parameters()) == expected_head
+    if (norm, num_classes, top_levels) == ("GN", 80, 2):
+        resnet50_convs = 23_454_912  # ResNet-50 to res5 without fc; FrozenBN holds buffers, not parameters
+        assert resnet50_convs + expected_fpn + expected_head == 32_244_250  # AdelaiDet R-50 FCOS (FCOS_SPEC §6.1)
+    if (norm, num_classes, top_levels) == ("GN", 91, 2):
+        # torchvision's fcos_resnet50_fpn (FCOS_SPEC §6.2) has the same layers without the 5 Scales
+        assert resnet50_convs_plus(expected_fpn + expected_head - levels) == 32_269_600
+
+
+def resnet50_convs_plus(count: int) -> int:
+    return 23_454_912 + count
