@@ -1,4 +1,4 @@
-"""Pictures of detections: ground truth in green, predictions in the class colour with name and score."""
+"""Pictures of detections: ground truth in white, predictions in the class colour with name and score."""
 
 from __future__ import annotations
 

@@ -7,12 +7,18 @@ ends). Among candidates the box of minimum area wins (first index on ties). Crow
 candidates. With ``inclusive_ranges=False`` and ranges ``(0, 64), (64, 128) ...`` the same code reproduces
 torchvision's matching rules.
 
-The points x boxes work runs in chunks of points so memory stays bounded for images with thousands of
-boxes; there is no Python loop over images, boxes or points.
+With centre sampling (the default) a box can only claim the few points of each level that fall in its
+centre region, at most ``ceil(2 * radius) + 1`` per axis, so the assigner enumerates exactly those
+candidates (``B x M x L x k x k`` of them, found by binary search in the level's grid) instead of testing
+every (point, box) pair: time and memory grow with the number of boxes, not with points x boxes. Without
+centre sampling every point inside a box is a candidate, and the dense points x boxes test runs in chunks of
+points so memory stays bounded for images with thousands of boxes. Neither path loops over images, boxes or
+points in Python.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -72,7 +78,8 @@ class TargetAssigner:
         sizes_of_interest: ``L - 1`` boundaries between the levels' size ranges (AdelaiDet SIZES_OF_INTEREST).
         center_sampling_radius: centre region radius in strides; 0 disables centre sampling (whole box).
         inclusive_ranges: AdelaiDet tests ``lo <= max(ltrb) <= hi``; torchvision ``lo < max(ltrb) < hi``.
-        chunk_elements: upper bound on ``B * points_per_chunk * M`` for the pairwise work.
+        chunk_elements: upper bound on ``B * points_per_chunk * M`` for the dense pairwise test (no centre
+            sampling only).
     """
 
     def __init__(
@@ -123,6 +130,17 @@ class TargetAssigner:
         if boxes.shape[1] == 0:
             return FCOSTargets(out_labels, out_reg, out_idx)
 
+        if self.center_sampling_radius > 0:
+            idx = self._match_center_regions(points, boxes, valid)
+            pos = idx >= 0
+            chosen = boxes.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, 4))  # [B, R, 4]
+            x, y = flat[None, :, 0], flat[None, :, 1]
+            reg = torch.stack((x - chosen[..., 0], y - chosen[..., 1], chosen[..., 2] - x, chosen[..., 3] - y), -1)
+            out_idx = torch.where(pos, idx, -1)
+            out_reg = reg / point_strides[None, :, None] * pos[..., None]
+            out_labels = torch.where(pos, labels.gather(1, idx.clamp(min=0)), num_classes)
+            return FCOSTargets(out_labels, out_reg, out_idx)
+
         chunk = max(1, self.chunk_elements // (batch * boxes.shape[1]))
         for start in range(0, num_points, chunk):  # bounded-memory chunks, not a loop over points
             sl = slice(start, min(start + chunk, num_points))
@@ -132,6 +150,58 @@ class TargetAssigner:
             out_reg[:, sl] = reg / point_strides[sl, None] * pos[..., None]
             out_labels[:, sl] = torch.where(pos, labels.gather(1, idx.clamp(min=0)), num_classes)
         return FCOSTargets(out_labels, out_reg, out_idx)
+
+    def _match_center_regions(self, points: Sequence[Tensor], boxes: Tensor, valid: Tensor) -> Tensor:
+        """Matched box per point ``[B, R]`` (``>= M`` for none), enumerating each box's centre-region points.
+
+        Per level (an ``L``-step loop) the region ``(max(cx - r, x0), min(cx + r, x1))`` holds at most ``k``
+        grid columns, the first found by ``searchsorted`` on the level's sorted x coordinates (likewise rows);
+        the ``k x k`` candidates are tested against the region (strict) and the size range. Conflicts resolve
+        by scatter-min: the smallest area, then the smallest box index, as ``min`` over a dense row would.
+        """
+        batch, num_boxes = boxes.shape[:2]
+        device = boxes.device
+        k = math.ceil(2 * self.center_sampling_radius) + 1
+        steps = torch.arange(k, device=device)
+        x0, y0, x1, y1 = (boxes[..., c, None] for c in range(4))  # [B, M, 1]
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        area = (x1 - x0) * (y1 - y0)
+        keys, box_ids, areas = [], [], []
+        image_offset = torch.arange(batch, device=device)[:, None, None, None] * sum(p.shape[0] for p in points)
+        start = 0
+        for pts, stride, (lo, hi) in zip(points, self.strides, self.ranges, strict=True):
+            width = int((pts[:, 1] == pts[0, 1]).sum())
+            height = pts.shape[0] // width
+            xs, ys = pts[:width, 0].contiguous(), pts[::width, 1].contiguous()
+            radius = stride * self.center_sampling_radius
+            rx0, rx1 = torch.maximum(cx - radius, x0), torch.minimum(cx + radius, x1)
+            ry0, ry1 = torch.maximum(cy - radius, y0), torch.minimum(cy + radius, y1)
+            col = torch.searchsorted(xs, rx0.contiguous(), right=True) + steps  # [B, M, k], first x > rx0
+            row = torch.searchsorted(ys, ry0.contiguous(), right=True) + steps
+            col_ok, row_ok = col < width, row < height
+            col, row = col.clamp(max=width - 1), row.clamp(max=height - 1)
+            px, py = xs[col][..., None, :], ys[row][..., :, None]  # [B, M, 1, k] and [B, M, k, 1]
+            inside = (col_ok & (xs[col] < rx1))[..., None, :] & (row_ok & (ys[row] < ry1))[..., :, None]
+            x0_, y0_, x1_, y1_ = (c[..., None] for c in (x0, y0, x1, y1))
+            max_dist = torch.maximum(torch.maximum(px - x0_, py - y0_), torch.maximum(x1_ - px, y1_ - py))
+            if self.inclusive_ranges:
+                in_range = (max_dist >= lo) & (max_dist <= hi)
+            else:
+                in_range = (max_dist > lo) & (max_dist < hi)
+            ok = inside & in_range & valid[..., None, None]  # [B, M, k, k]
+            point = image_offset + start + row[..., :, None] * width + col[..., None, :]
+            keys.append(point[ok])
+            box_ids.append(torch.arange(num_boxes, device=device)[None, :, None, None].expand_as(ok)[ok])
+            areas.append(area[..., None].expand_as(ok)[ok])
+            start += pts.shape[0]
+
+        key, box_id, cand_area = torch.cat(keys), torch.cat(box_ids), torch.cat(areas)
+        total = batch * start
+        min_area = torch.full((total,), math.inf, device=device).scatter_reduce(0, key, cand_area, "amin")
+        best = cand_area == min_area[key]
+        fill = torch.full((total,), num_boxes, dtype=torch.int64, device=device)
+        idx = fill.scatter_reduce(0, key[best], box_id[best], "amin")
+        return torch.where(idx < num_boxes, idx, -1).view(batch, start)
 
     def _assign_chunk(
         self, points: Tensor, strides: Tensor, ranges: Tensor, boxes: Tensor, valid: Tensor

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from fcos_lightning.app import build_module, make_schedule, world_size
 from fcos_lightning.data.coco import CategoryMap
+from fcos_lightning.data.demo import make_demo_dataset
 from fcos_lightning.precision import resolve_precision
 from tests.conftest import CONF_DIR
 
@@ -38,6 +39,20 @@ ZOO = {
 CATEGORIES = CategoryMap(cat_ids=(1, 3, 7), names=("a", "b", "c"))
 
 
+@pytest.fixture(scope="module")
+def data_overrides(tmp_path_factory) -> list[str]:
+    """Point a preset's data at a small generated COCO-format dataset (the presets default to COCO 2017)."""
+    root = tmp_path_factory.mktemp("data")
+    paths = make_demo_dataset(root, num_train=4, num_val=2, image_size=(192, 224), seed=2)
+    return [
+        f"data.train.ann_file={paths['train_ann_file']}",
+        f"data.train.img_dir={paths['train_img_dir']}",
+        f"data.val.ann_file={paths['val_ann_file']}",
+        f"data.val.img_dir={paths['val_img_dir']}",
+        "data.num_workers=0",
+    ]
+
+
 def test_every_zoo_row_has_a_preset():
     assert set(EXPERIMENTS) >= ZOO
 
@@ -58,15 +73,20 @@ def _forward(cfg, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(experiment, compose_cfg, tmp_path):
-    cfg = compose_cfg("train", [f"experiment={experiment}"], tmp_path)
+def test_experiment_composes_and_instantiates(experiment, compose_cfg, tmp_path, data_overrides):
+    cfg = compose_cfg("train", [f"experiment={experiment}", *data_overrides], tmp_path)
     assert OmegaConf.select(cfg, "model.backbone.pretrained") is False
-    # the datamodule class and the trainer instantiate from the composed config
-    dm_target = instantiate(cfg.data.datamodule, _partial_=True)
-    assert dm_target.func.__name__ == "COCODataModule"
+    datamodule = instantiate(cfg.data.datamodule)
+    assert datamodule.num_classes == 3 and datamodule.class_names == ["square", "disc", "ring"]
+    assert datamodule.batch_size == cfg.data.batch_size
+    assert list(datamodule.train_min_sizes) == list(cfg.data.datamodule.train_min_sizes)
+    datamodule.setup("fit")
+    assert len(datamodule.train_dataset) > 0 and len(datamodule.val_dataset) == 2
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     trainer = instantiate(cfg.trainer, precision=precision, max_steps=1, logger=False, enable_checkpointing=False)
     assert trainer.max_steps == 1
+    module = build_module(cfg, datamodule.num_classes, datamodule.category_map, make_schedule(cfg.schedule, 16))
+    assert module.category_map == datamodule.category_map
     _forward(cfg, tmp_path)
 
 

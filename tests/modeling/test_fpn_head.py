@@ -147,6 +147,34 @@ def test_deformable_last_tower_conv():
     assert out.cls_logits[0].shape == (2, 3, 16, 24)
 
 
+HEAD_VARIANTS = {
+    "GN": {"norm": "GN"},
+    "BN": {"norm": "BN"},
+    "SyncBN": {"norm": "SyncBN"},
+    "none": {"norm": "none"},
+    "shared_towers": {"norm": "GN", "num_cls_convs": 0, "num_box_convs": 0, "num_share_convs": 4},
+    "shared_towers_BN": {"norm": "SyncBN", "num_cls_convs": 0, "num_box_convs": 0, "num_share_convs": 4},
+    "dcn": {"norm": "GN", "use_deformable": True},
+}
+
+
+@pytest.mark.parametrize("variant", list(HEAD_VARIANTS))
+def test_head_variants_forward_backward_fp32_and_bf16_autocast(variant):
+    torch.manual_seed(0)
+    head = FCOSHead(in_channels=32, num_classes=3, num_levels=3, **HEAD_VARIANTS[variant])
+    features = [f.requires_grad_() for f in pyramid()]
+    for autocast in (False, True):
+        head.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = head(features)
+        outputs = [*out.cls_logits, *out.box_reg, *out.centerness]
+        assert all(torch.isfinite(o.float()).all() for o in outputs)
+        sum(o.float().square().mean() for o in outputs).backward()
+        grads = {n: p.grad for n, p in head.named_parameters() if p.requires_grad}
+        assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), variant
+        assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("cls_logits"))
+
+
 def test_initialisation_and_prior_bias():
     torch.manual_seed(0)
     head = FCOSHead(in_channels=256, num_classes=80, num_levels=5)

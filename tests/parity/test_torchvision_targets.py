@@ -297,11 +297,33 @@ def test_chunking_gives_identical_targets():
     labels = [torch.randint(0, NUM_CLASSES, (n,)) for n in counts]
     crowd = [torch.rand(n) < 0.1 for n in counts]
     points = make_points([(height // s, width // s) for s in STRIDES], STRIDES, 0.5, "cpu")
-    tiny = TargetAssigner(STRIDES, SIZES, chunk_elements=1)(points, boxes, labels, NUM_CLASSES, crowd)
-    odd = TargetAssigner(STRIDES, SIZES, chunk_elements=13 * 3 * 40)(points, boxes, labels, NUM_CLASSES, crowd)
-    huge = TargetAssigner(STRIDES, SIZES, chunk_elements=1 << 40)(points, boxes, labels, NUM_CLASSES, crowd)
+    # without centre sampling every point inside a box is a candidate: the dense, chunked path
+    tiny = TargetAssigner(STRIDES, SIZES, 0.0, chunk_elements=1)(points, boxes, labels, NUM_CLASSES, crowd)
+    odd = TargetAssigner(STRIDES, SIZES, 0.0, chunk_elements=13 * 3 * 40)(points, boxes, labels, NUM_CLASSES, crowd)
+    huge = TargetAssigner(STRIDES, SIZES, 0.0, chunk_elements=1 << 40)(points, boxes, labels, NUM_CLASSES, crowd)
     assert (huge.matched_idx >= 0).sum() > 30
     for a, b in ((tiny, huge), (odd, huge)):
         assert torch.equal(a.labels, b.labels)
         assert torch.equal(a.matched_idx, b.matched_idx)
         assert torch.equal(a.reg_targets, b.reg_targets)
+
+
+def test_crowded_image_with_ties_matches_reference():
+    """Many small, overlapping boxes (exact duplicates and equal areas included): every point's centre-region
+    candidates collide, so the min-area, first-index rule decides most positives."""
+    rng = random.Random(3)
+    height, width = 128, 128
+    base = grid_boxes(rng, 60, height, width)
+    shifted = base[:30] + torch.tensor([4.0, 0.0, 4.0, 0.0])  # same areas, shifted by half a P3 cell
+    boxes = torch.cat((base, base[:20], shifted)).clamp(max=127.5)  # base[:20] again: exact duplicates
+    labels = torch.randint(0, NUM_CLASSES, (len(boxes),))
+    crowd = torch.rand(len(boxes)) < 0.1
+    crowd[:20] = crowd[60:80] = False
+    points = make_points([(height // s, width // s) for s in STRIDES], STRIDES, 0.5, "cpu")
+    ours = TargetAssigner(STRIDES, SIZES)(points, [boxes], [labels], NUM_CLASSES, gt_crowd=[crowd])
+    ref_labels, ref_reg, ref_idx = reference_targets(points, boxes, labels, crowd.tolist(), 1.5, NUM_CLASSES)
+    assert (ref_idx >= 0).sum() > 50
+    assert torch.isin(ref_idx, torch.arange(60, 80)).sum() == 0  # duplicates never beat their earlier twin
+    assert torch.equal(ours.matched_idx[0], ref_idx)
+    assert torch.equal(ours.labels[0], ref_labels)
+    torch.testing.assert_close(ours.reg_targets[0].double(), ref_reg, rtol=0, atol=1e-6)
