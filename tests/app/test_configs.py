@@ -111,3 +111,25 @@ def test_schedule_scales_lr_and_iterations_with_global_batch(compose_cfg):
     assert schedule.max_steps == 45000 and schedule.milestones == [30000, 40000] and schedule.warmup_iters == 500
     same = make_schedule(cfg.schedule, 16)
     assert same.lr == pytest.approx(0.01) and same.max_steps == 90000 and same.milestones == [60000, 80000]
+
+
+# AdelaiDet's DLA-34 builds level3/level4 ``project`` layers it never calls; timm's dla34 omits them
+DLA_UNUSED_PROJECT = 41_728
+# experiment -> AdelaiDet's parameter count with 80 classes (../shared/spec/adelaidet_fcos_keys.txt)
+ADELAIDET_PARAMS = {
+    "R_50_1x": 32_244_250,
+    "MS_R_50_2x": 32_244_250,
+    "MS_X_101_32x8d_2x_dcnv2": 102_670_094,
+    "FCOS_RT/MS_DLA_34_4x_syncbn": 22_191_880 - DLA_UNUSED_PROJECT,
+    "FCOS_RT/MS_DLA_34_4x_syncbn_shared_towers": 19_829_512 - DLA_UNUSED_PROJECT,
+    "FCOS_RT/MS_DLA_34_4x_syncbn_shared_towers_bn_head": 19_833_608 - DLA_UNUSED_PROJECT,
+    "FCOS_RT/MS_R_50_4x_syncbn": 31_114_264,
+    "FCOS_RT/MS_R_50_4x_syncbn_bn_head": 31_122_456,
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(ADELAIDET_PARAMS))
+def test_preset_parameter_count_equals_adelaidet(experiment, compose_cfg, tmp_path):
+    cfg = compose_cfg("train", [f"experiment={experiment}"], tmp_path)
+    model = instantiate(cfg.model, num_classes=80)
+    assert sum(p.numel() for p in model.parameters()) == ADELAIDET_PARAMS[experiment]
