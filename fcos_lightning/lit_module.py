@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fcos_lightning.data.coco import CategoryMap
+from fcos_lightning.distributed import apply_sync_batchnorm, should_sync_batchnorm
 from fcos_lightning.evaluation import METRIC_NAMES, evaluate_coco, gather_detections, to_coco_results
 from fcos_lightning.fcos.loss import FCOSLoss
 from fcos_lightning.fcos.points import make_points
@@ -102,6 +103,11 @@ class FCOSLitModule(pl.LightningModule):
         self._val_results: list[dict] = []
         self._val_image_ids: list[int] = []
         self._vis: list[tuple[Tensor, dict, dict]] = []
+
+    def setup(self, stage: str) -> None:
+        """Before DDP wraps the model: declared-SyncBN layers become SyncBatchNorm under multi-GPU DDP."""
+        if stage == "fit":
+            apply_sync_batchnorm(self.model, *should_sync_batchnorm(self.trainer), verbose=self.global_rank == 0)
 
     # ---- the shared forward -------------------------------------------------------------------------------
     def forward(self, images: Tensor, image_sizes: Tensor | None = None):
