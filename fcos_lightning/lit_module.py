@@ -180,8 +180,10 @@ class FCOSLitModule(pl.LightningModule):
         results, image_ids = gather_detections(self._val_results, self._val_image_ids)
         metrics = None
         if self.global_rank == 0:
-            coco = self.trainer.datamodule.val_dataset.coco
-            metrics = evaluate_coco(coco, results, image_ids, self.category_map)
+            val_dataset = self.trainer.datamodule.val_dataset
+            if len(image_ids) != len(val_dataset) and not self.trainer.sanity_checking:
+                log.warning("validation scored %d of the %d val images", len(image_ids), len(val_dataset))
+            metrics = evaluate_coco(val_dataset.coco, results, image_ids, self.category_map)
             metrics["num_images"] = float(len(image_ids))
             metrics["step"] = float(self.global_step)
         metrics = broadcast_object(metrics)

@@ -55,7 +55,9 @@ def ddp_run(dataset, tmp_path_factory) -> Path:
         "schedule.warmup_iters=8",
         "schedule.milestones=[40]",
     ]
-    run_script("train.py", [*TINY, f"data.root={dataset}", "data.generate_demo=false", *DDP, *schedule], cwd)
+    probe_dir = cwd.parent / (cwd.name + "_probe")
+    probe = f"+callbacks.probe={{_target_:tests.distributed.probes.RankMetricsProbe,dir:'{probe_dir}'}}"
+    run_script("train.py", [*TINY, f"data.root={dataset}", "data.generate_demo=false", *DDP, *schedule, probe], cwd)
     return cwd
 
 
@@ -69,6 +71,10 @@ def test_ddp_training_writes_one_run_dir(ddp_run):
     assert not [p for p in run.rglob("*") if p.is_dir() and p.name.startswith("version_")]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["step"] == 24 and metrics["num_images"] == 5
+    # every rank holds the same validation metrics (ModelCheckpoint(monitor=val/AP) needs them on all ranks)
+    ranks = [json.loads((ddp_run.parent / (ddp_run.name + "_probe") / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["val/AP"] == ranks[1]["val/AP"] == pytest.approx(metrics["AP"])
+    assert ranks[0] == ranks[1]
     # the learning rate was scaled for the global batch of 2 processes x 4 images
     log = (run / "train.log").read_text()
     assert "global batch 8 | lr 0.04 " in log, log
