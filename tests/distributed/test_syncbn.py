@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from fcos_lightning import lit_module
 from fcos_lightning.distributed import apply_sync_batchnorm, should_sync_batchnorm
+from fcos_lightning.lit_module import FCOSLitModule
 from fcos_lightning.modeling.backbones import TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import FCOSHead
@@ -90,3 +92,21 @@ def test_bn_declared_plain_stays_plain(backbone_norm, head_norm, expected_parts)
     assert synced == expected_parts
     gn = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert (head_norm == "GN") == bool(gn)
+
+
+def test_lightning_module_converts_in_setup_when_told_to(monkeypatch, caplog):
+    module = FCOSLitModule(small_fcos("syncbn", "SyncBN"), {"cat_ids": [1, 2, 3], "names": ["a", "b", "c"]})
+    module.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with caplog.at_level(logging.INFO, logger="fcos_lightning.distributed"):
+        module.setup("fit")
+    assert "plain BatchNorm" in caplog.text and "a single process" in caplog.text
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+
+    monkeypatch.setattr(lit_module, "should_sync_batchnorm", lambda trainer: (True, "DDP on CUDA (faked)"))
+    module.setup("validate")
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())  # only for training
+    with caplog.at_level(logging.INFO, logger="fcos_lightning.distributed"):
+        module.setup("fit")
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in module.model.head.modules())
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in module.model.backbone.modules())
+    assert "converted to SyncBatchNorm (DDP on CUDA (faked))" in caplog.text
