@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -21,11 +22,13 @@ DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 SHORT = ["schedule.max_iter=8", "schedule.val_interval=8", "schedule.warmup_iters=4", "schedule.milestones=[6]"]
 
 
-def run_script(script: str, args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, args: list[str], cwd: Path, timeout: float = 240, launcher: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(REPO / script), *args],
+        [sys.executable, *launcher, str(REPO / script), *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -120,3 +123,19 @@ def test_multirun_over_head_norms_with_ddp(dataset, tmp_path):
         assert metrics["step"] == 4 and "AP" in metrics
         assert (job / "checkpoints" / "last.ckpt").is_file()
         assert len(list((job / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.slow
+def test_torchrun_launch_writes_one_run_dir(dataset, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = ("-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", f"--master_port={port}")
+    run = tmp_path / "run"
+    args = [*TINY, f"data.root={dataset}", "data.generate_demo=false", *DDP, *SHORT, f"hydra.run.dir={run}"]
+    run_script("train.py", args, tmp_path, launcher=torchrun)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[1:] == ["last.ckpt"]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert json.loads((run / "metrics.json").read_text())["step"] == 4
+    assert "global batch 8 | lr 0.04 " in (run / "train.log").read_text()
