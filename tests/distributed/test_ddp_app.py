@@ -139,3 +139,31 @@ def test_torchrun_launch_writes_one_run_dir(dataset, tmp_path):
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert json.loads((run / "metrics.json").read_text())["step"] == 4
     assert "global batch 8 | lr 0.04 " in (run / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_slurm_environment_launch_writes_one_run_dir(dataset, tmp_path):
+    """Two processes with the environment ``srun --ntasks=2`` gives them (no SLURM needed): Lightning takes
+    ranks and the master address from SLURM and starts no processes itself."""
+    run = tmp_path / "run"
+    args = [*TINY, f"data.root={dataset}", "data.generate_demo=false", *DDP, *SHORT, f"hydra.run.dir={run}"]
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0"}
+    slurm |= {"SLURM_NODELIST": "127.0.0.1", "SLURM_JOB_ID": str(os.getpid()), "SLURM_JOB_NAME": "fcos"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **slurm}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *args],
+            cwd=tmp_path,
+            env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[1:] == ["last.ckpt"]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert "global batch 8 | lr 0.04 " in (run / "train.log").read_text()
