@@ -112,7 +112,9 @@ def test_evaluate_on_two_processes_matches_one(ddp_run, dataset, tmp_path):
 def test_multirun_over_head_norms_with_ddp(dataset, tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", *TINY, f"data.root={dataset}", "data.generate_demo=false", *DDP, *SHORT]
-    run_script("train.py", [*args, "model/head=gn,bn", f"hydra.sweep.dir={sweep}"], tmp_path, timeout=400)
+    proc = run_script("train.py", [*args, "model/head=gn,bn", f"hydra.sweep.dir={sweep}"], tmp_path, timeout=400)
+    # rank 1 of each job runs that job, not the whole sweep again (Lightning re-runs sys.argv, "-m" included)
+    assert (proc.stdout + proc.stderr).count("Launching 2 jobs") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no stray run dirs
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]
