@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.demo import make_demo_dataset
+from fcos_lightning.distributed import check_world_size, run_multirun_job_with_ddp
 from fcos_lightning.evaluation import METRIC_NAMES, format_table
 from fcos_lightning.lit_module import FCOSLitModule
 from fcos_lightning.precision import resolve_precision
@@ -164,6 +166,10 @@ def train(cfg: DictConfig) -> float:
         logger=logger,
         default_root_dir=str(output_dir),
     )
+    check_world_size(trainer, world_size(cfg.trainer))
+    job_ap = run_multirun_job_with_ddp(trainer, sys.argv[0], str(output_dir))
+    if job_ap is not None:
+        return job_ap
     if trainer.is_global_zero:
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         log.info(

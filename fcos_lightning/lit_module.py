@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fcos_lightning.data.coco import CategoryMap
+from fcos_lightning.distributed import apply_sync_batchnorm, should_sync_batchnorm
 from fcos_lightning.evaluation import METRIC_NAMES, evaluate_coco, gather_detections, to_coco_results
 from fcos_lightning.fcos.loss import FCOSLoss
 from fcos_lightning.fcos.points import make_points
@@ -103,6 +104,11 @@ class FCOSLitModule(pl.LightningModule):
         self._val_image_ids: list[int] = []
         self._vis: list[tuple[Tensor, dict, dict]] = []
 
+    def setup(self, stage: str) -> None:
+        """Before DDP wraps the model: declared-SyncBN layers become SyncBatchNorm under multi-GPU DDP."""
+        if stage == "fit":
+            apply_sync_batchnorm(self.model, *should_sync_batchnorm(self.trainer), verbose=self.global_rank == 0)
+
     # ---- the shared forward -------------------------------------------------------------------------------
     def forward(self, images: Tensor, image_sizes: Tensor | None = None):
         return self.model(images, image_sizes)
@@ -174,8 +180,10 @@ class FCOSLitModule(pl.LightningModule):
         results, image_ids = gather_detections(self._val_results, self._val_image_ids)
         metrics = None
         if self.global_rank == 0:
-            coco = self.trainer.datamodule.val_dataset.coco
-            metrics = evaluate_coco(coco, results, image_ids, self.category_map)
+            val_dataset = self.trainer.datamodule.val_dataset
+            if len(image_ids) != len(val_dataset) and not self.trainer.sanity_checking:
+                log.warning("validation scored %d of the %d val images", len(image_ids), len(val_dataset))
+            metrics = evaluate_coco(val_dataset.coco, results, image_ids, self.category_map)
             metrics["num_images"] = float(len(image_ids))
             metrics["step"] = float(self.global_step)
         metrics = broadcast_object(metrics)

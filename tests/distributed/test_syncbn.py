@@ -1,0 +1,112 @@
+"""SyncBN conversion: only layers declared SyncBN, only under multi-GPU DDP; plain BN (and a log line) otherwise."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from fcos_lightning import lit_module
+from fcos_lightning.distributed import apply_sync_batchnorm, should_sync_batchnorm
+from fcos_lightning.lit_module import FCOSLitModule
+from fcos_lightning.modeling.backbones import TimmBackbone
+from fcos_lightning.modeling.detector import FCOS
+from fcos_lightning.modeling.head import FCOSHead
+
+
+def small_fcos(backbone_norm: str, head_norm: str, freeze_at: int = 2) -> FCOS:
+    backbone = TimmBackbone(
+        "resnet18",
+        out_indices=(2, 3, 4),
+        norm=backbone_norm,
+        freeze_at=freeze_at,
+        model_kwargs={"channels": [16, 32, 64, 128], "stem_width": 16},
+    )
+    head = partial(FCOSHead, norm=head_norm, num_cls_convs=1, num_box_convs=1)
+    return FCOS(backbone, head, num_classes=3, fpn_channels=32, top_levels=0, sizes_of_interest=(64, 128))
+
+
+def norm_types(module: nn.Module) -> dict[str, type]:
+    norms = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d, nn.GroupNorm)
+    return {name: type(m) for name, m in module.named_modules() if isinstance(m, norms)}
+
+
+@pytest.mark.parametrize(
+    ("trainer_kwargs", "why"),
+    [
+        ({"accelerator": "cpu", "devices": 1}, "a single process"),
+        ({"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, "SyncBatchNorm needs GPUs"),
+    ],
+)
+def test_cpu_and_single_process_convert_nothing_and_say_so(trainer_kwargs, why, caplog):
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, **trainer_kwargs)
+    sync, reason = should_sync_batchnorm(trainer)
+    assert not sync and why in reason
+    model = small_fcos("syncbn", "SyncBN")
+    before = norm_types(model)
+    with caplog.at_level(logging.INFO, logger="fcos_lightning.distributed"):
+        counts = apply_sync_batchnorm(model, sync, reason)
+    assert counts == {"backbone": 0, "head": 0}
+    assert norm_types(model) == before
+    assert not any(t is nn.SyncBatchNorm for t in before.values())
+    assert any("plain BatchNorm" in r.getMessage() and why in r.getMessage() for r in caplog.records)
+
+
+def test_sync_decision_converts_exactly_the_declared_layers():
+    model = small_fcos("syncbn", "SyncBN", freeze_at=2)
+    before = norm_types(model)
+    counts = apply_sync_batchnorm(model, True, "forced for the test")
+    after = norm_types(model)
+    assert after.keys() == before.keys()
+    changed = {name for name in before if before[name] is not after[name]}
+    expected = {name for name, t in before.items() if t is nn.BatchNorm2d}
+    assert changed == expected and all(after[n] is nn.SyncBatchNorm for n in changed)
+    assert counts == {
+        "backbone": sum(n.startswith("backbone.") for n in expected),
+        "head": sum(n.startswith("head.") for n in expected),
+    }
+    assert counts["backbone"] > 0 and counts["head"] == 2 * 1 * 3  # 2 towers x 1 conv x 3 levels
+    # the frozen stem and res2 stay FrozenBN without gradients
+    frozen = [n for n, t in after.items() if t is FrozenBatchNorm2d]
+    assert frozen and all(n.startswith(("backbone.body.bn1", "backbone.body.layer1")) for n in frozen)
+    assert not any(p.requires_grad for p in model.backbone.body.layer1.parameters())
+    # same parameters, and still a working (single-process) forward
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 64) * 255)
+    assert len(out.cls_logits) == 3
+
+
+@pytest.mark.parametrize(
+    ("backbone_norm", "head_norm", "expected_parts"),
+    [("bn", "BN", set()), ("syncbn", "GN", {"backbone"}), ("frozen_bn", "SyncBN", {"head"})],
+)
+def test_bn_declared_plain_stays_plain(backbone_norm, head_norm, expected_parts):
+    model = small_fcos(backbone_norm, head_norm)
+    apply_sync_batchnorm(model, True, "forced for the test")
+    synced = {name.split(".")[0] for name, t in norm_types(model).items() if t is nn.SyncBatchNorm}
+    assert synced == expected_parts
+    gn = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert (head_norm == "GN") == bool(gn)
+
+
+def test_lightning_module_converts_in_setup_when_told_to(monkeypatch, caplog):
+    module = FCOSLitModule(small_fcos("syncbn", "SyncBN"), {"cat_ids": [1, 2, 3], "names": ["a", "b", "c"]})
+    module.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with caplog.at_level(logging.INFO, logger="fcos_lightning.distributed"):
+        module.setup("fit")
+    assert "plain BatchNorm" in caplog.text and "a single process" in caplog.text
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+
+    monkeypatch.setattr(lit_module, "should_sync_batchnorm", lambda trainer: (True, "DDP on CUDA (faked)"))
+    module.setup("validate")
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())  # only for training
+    with caplog.at_level(logging.INFO, logger="fcos_lightning.distributed"):
+        module.setup("fit")
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in module.model.head.modules())
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in module.model.backbone.modules())
+    assert "converted to SyncBatchNorm (DDP on CUDA (faked))" in caplog.text
