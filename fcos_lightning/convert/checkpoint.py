@@ -133,8 +133,8 @@ def torchvision_overrides() -> list[str]:
         f"model.point_offset={g.point_offset}",
         f"model.sizes_of_interest={list(g.sizes_of_interest)}",
         f"model.head.use_scale={str(g.use_scale).lower()}",
-        f"model.pixel_mean={list(g.pixel_mean)}",
-        f"model.pixel_std={list(g.pixel_std)}",
+        f"++model.pixel_mean={list(g.pixel_mean)}",
+        f"++model.pixel_std={list(g.pixel_std)}",
         f"module.center_sampling_radius={g.center_sampling_radius}",
         *(f"module.postprocessor.{k}={str(v).lower() if isinstance(v, bool) else v}"
           for k, v in g.postprocessor_kwargs().items()),
@@ -148,7 +148,10 @@ def convert_state_dict(
     if source_format == "adelaidet":
         arch = detect_architecture(state, stride_in_1x1)
         log.info("AdelaiDet architecture: %s", arch)
-        return adelaidet_to_fcos(state, arch), arch.overrides(), arch.num_classes
+        conversion = adelaidet_to_fcos(state, arch)
+        # the buffers carry the input convention; the run config records it too (RGB order, 0-255 input)
+        convention = [f"++model.{k}={conversion.state_dict[k].flatten().tolist()}" for k in ("pixel_mean", "pixel_std")]
+        return conversion, [*arch.overrides(), *convention], arch.num_classes
     if source_format == "torchvision":
         if stride_in_1x1:
             raise ValueError("stride_in_1x1 does not apply to torchvision weights (3x3 stride placement)")
