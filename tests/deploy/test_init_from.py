@@ -69,7 +69,6 @@ def test_train_with_init_from_logs_the_table(tmp_path, caplog):
         "schedule.max_iter=1",
         "schedule.val_interval=1",
         "schedule.warmup_iters=0",
-        "~logger",
         f"init_from={src}",
     ]
     with caplog.at_level(logging.INFO, logger="fcos_lightning"):
