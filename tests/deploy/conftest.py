@@ -18,12 +18,12 @@ CATEGORIES = {"cat_ids": [2, 5, 9], "names": ["square", "disc", "ring"]}
 
 def write_tiny_checkpoint(path: Path, *overrides: str, categories: dict = CATEGORIES, seed: int = 0) -> Path:
     """A checkpoint laid out as train.py writes it, for a tiny random network whose classifier fires."""
-    cfg = compose_config("train", [*TINY, *overrides], path.parent)
+    cfg = compose_config("train", [*TINY, "module.postprocessor.score_thresh=0.2", *overrides], path.parent)
     torch.manual_seed(seed)
     model = build(cfg.model, num_classes=len(categories["cat_ids"])).eval()
     with torch.no_grad():
-        model.head.cls_logits.bias.fill_(-1.0)
-        model.head.cls_logits.weight.normal_(std=0.5)
+        model.head.cls_logits.bias.fill_(-6.0)
+        model.head.cls_logits.weight.normal_(std=0.2)
         model.head.bbox_pred.bias.fill_(2.0)
     torch.save(
         {
