@@ -10,8 +10,12 @@ import torch
 from omegaconf import OmegaConf
 
 from fcos_lightning.app import build
+from fcos_lightning.convert.checkpoint import convert_checkpoint
 from tests.app.test_e2e import TINY
 from tests.conftest import compose_config
+from tests.parity.test_torchvision_model import perturbed_torchvision_fcos
+
+TV_HEIGHT, TV_WIDTH = 256, 384  # multiples of 128: torchvision's anchor strides are exactly 8..128
 
 CATEGORIES = {"cat_ids": [2, 5, 9], "names": ["square", "disc", "ring"]}
 
@@ -39,3 +43,15 @@ def write_tiny_checkpoint(path: Path, *overrides: str, categories: dict = CATEGO
 @pytest.fixture(scope="package")
 def tiny_ckpt(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.ckpt")
+
+
+@pytest.fixture(scope="package")
+def tv_converted(tmp_path_factory):
+    """A perturbed torchvision ``fcos_resnet50_fpn`` (not resizing TV_HEIGHT x TV_WIDTH images) and the
+    checkpoint of ours converted from its saved state dict."""
+    tmp = tmp_path_factory.mktemp("tv")
+    tv = perturbed_torchvision_fcos()
+    tv.transform.min_size, tv.transform.max_size = (TV_HEIGHT,), TV_WIDTH  # scale exactly 1.0
+    torch.save(tv.state_dict(), tmp / "tv.pth")
+    convert_checkpoint("torchvision", tmp / "tv.pth", tmp / "ours.ckpt")
+    return tv, tmp / "ours.ckpt"

@@ -13,12 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fcos_lightning.convert.checkpoint import convert_checkpoint
 from fcos_lightning.predict import predict
 from tests.conftest import compose_config
-from tests.parity.test_torchvision_model import perturbed_torchvision_fcos
-
-HEIGHT, WIDTH = 256, 384  # multiples of 128: torchvision's anchor strides are exactly 8..128; not resized
+from tests.deploy.conftest import TV_HEIGHT as HEIGHT
+from tests.deploy.conftest import TV_WIDTH as WIDTH
 
 
 def run_predict(tmp_path, ckpt, input_path, *extra):
@@ -30,11 +28,8 @@ def run_predict(tmp_path, ckpt, input_path, *extra):
     return predict(cfg), out
 
 
-def test_converted_torchvision_reproduces_torchvision_detections(tmp_path):
-    tv = perturbed_torchvision_fcos()
-    tv.transform.min_size, tv.transform.max_size = (HEIGHT,), WIDTH  # scale exactly 1.0
-    torch.save(tv.state_dict(), tmp_path / "tv.pth")
-    convert_checkpoint("torchvision", tmp_path / "tv.pth", tmp_path / "ours.ckpt")
+def test_converted_torchvision_reproduces_torchvision_detections(tmp_path, tv_converted):
+    tv, ckpt = tv_converted
 
     g = torch.Generator().manual_seed(5)
     image = (torch.rand(3, HEIGHT, WIDTH, generator=g) * 255).round().to(torch.uint8)
@@ -45,7 +40,7 @@ def test_converted_torchvision_reproduces_torchvision_detections(tmp_path):
 
     # the checkpoint's test resize (800/1333) would upscale: ask for torchvision's sizes, as the tv model has
     records, out = run_predict(
-        tmp_path, tmp_path / "ours.ckpt", tmp_path / "img.png", "score_thresh=null",
+        tmp_path, ckpt, tmp_path / "img.png", "score_thresh=null",
         f"test_min_size={HEIGHT}", f"test_max_size={WIDTH}",
     )  # fmt: skip
     written = json.loads((out / "img.png.json").read_text())
