@@ -8,7 +8,10 @@ head); the contract's 7 architectures convert in ~15 s together.
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -247,3 +250,18 @@ def test_converted_r50_matches_reference_fpn_and_head(r50):
     for name, ours_levels, ref_levels in zip(("cls", "box", "ctr"), ours_head, ref_head, strict=True):
         for level, (a, b) in enumerate(zip(ours_levels, ref_levels, strict=True)):
             assert_rel_close(a, b, f"{name} P{level + 3}")
+
+
+def test_convert_cli_logs_dropped_dla_keys(tmp_path):
+    state = synthetic_state(CONTRACT["FCOS_RT_MS_DLA_34_4x_syncbn (GN head, P3-P5)"])
+    torch.save(state, tmp_path / "dla.pth")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    command = [sys.executable, str(repo / "convert.py"), "--from", "adelaidet", str(tmp_path / "dla.pth")]
+    result = subprocess.run([*command, str(tmp_path / "o.ckpt")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "dropped 12 source keys (unused by AdelaiDet's DLA-34 forward" in result.stderr
+    assert "backbone.bottom_up.level4.project.0.weight" in result.stderr
+    ckpt = torch.load(tmp_path / "o.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["fcos_config"]["model"]["backbone"]["name"] == "dla34"
+    assert ckpt["state_dict"]["model.pixel_std"].flatten().tolist() == list(PIXEL_STD_BGR[::-1])
