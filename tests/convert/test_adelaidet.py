@@ -265,3 +265,46 @@ def test_convert_cli_logs_dropped_dla_keys(tmp_path):
     ckpt = torch.load(tmp_path / "o.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["fcos_config"]["model"]["backbone"]["name"] == "dla34"
     assert ckpt["state_dict"]["model.pixel_std"].flatten().tolist() == list(PIXEL_STD_BGR[::-1])
+
+
+def derived_entries(kind: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Zoo rows the contract file does not list, derived from its R-50 and X-101-32x8d-DCNv2 entries:
+    R-101 (23 res4 blocks), X-101-32x8d and X-101-64x4d without DCN (no offsets, plain head convs; 64x4d
+    halves the per-group width of every grouped conv2), the latter two without pixel_mean/pixel_std."""
+    if kind == "R_101":
+        out = []
+        for key, shape in CONTRACT["FCOS_R_50 (R_50_1x / MS_R_50_2x)"]:
+            out.append((key, shape))
+            if key.startswith("backbone.bottom_up.res4.5."):
+                out.extend((key.replace("res4.5.", f"res4.{i}."), shape) for i in range(6, 23))
+        return out
+    out = []
+    for key, shape in CONTRACT["FCOS_MS_X_101_32x8d_2x_dcnv2 (head USE_DEFORMABLE)"]:
+        if "offset" in key or key in ("pixel_mean", "pixel_std"):
+            continue
+        key = key.replace("tower.9.conv.", "tower.9.")
+        if kind == "X_101_64x4d" and re.search(r"res\d\.\d+\.conv2\.weight", key):
+            shape = (shape[0], shape[1] // 2, *shape[2:])
+        out.append((key, shape))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "backbone", "stride_in_1x1", "pixel_std_rgb"),
+    [
+        ("R_101", "resnet101", True, PIXEL_STD_BGR[::-1]),
+        ("X_101_32x8d", "resnext101_32x8d", False, (58.395, 57.12, 57.375)),
+        ("X_101_64x4d", "resnext101_64x4d", False, (1.0, 1.0, 1.0)),
+    ],
+)
+def test_derived_zoo_rows_convert_strictly(kind, backbone, stride_in_1x1, pixel_std_rgb, tmp_path):
+    entries = derived_entries(kind)
+    torch.save(synthetic_state(entries), tmp_path / "src.pth")
+    ckpt = convert_checkpoint("adelaidet", tmp_path / "src.pth", tmp_path / "ours.ckpt")
+    assert not ckpt["converted_from"]["dropped_keys"] and not ckpt["converted_from"]["filled_keys"]
+    model_cfg = ckpt["fcos_config"]["model"]  # convert_checkpoint has loaded it strictly into this model
+    assert model_cfg["backbone"]["name"] == backbone and model_cfg["backbone"]["stride_in_1x1"] == stride_in_1x1
+    assert not model_cfg["backbone"]["dcn_stages"] and not model_cfg["head"]["use_deformable"]
+    has_pixel_keys = kind == "R_101"
+    assert len(ckpt["state_dict"]) == len(entries) + (0 if has_pixel_keys else 2)
+    torch.testing.assert_close(ckpt["state_dict"]["model.pixel_std"].flatten(), torch.tensor(pixel_std_rgb))
