@@ -202,7 +202,8 @@ def convert_checkpoint(
     )
     for why in sorted(set(report.dropped.values())):
         keys = [k for k, w in report.dropped.items() if w == why]
-        log.info("dropped %d source keys (%s): %s", len(keys), why, keys)
+        shown = keys if len(keys) <= 12 else [*keys[:12], "..."]  # all of them under converted_from.dropped_keys
+        log.info("dropped %d source keys (%s): %s", len(keys), why, shown)
     if report.filled:
         log.info("%d BatchNorm counters not in the file start at 0: %s", len(report.filled), report.filled)
     return ckpt
