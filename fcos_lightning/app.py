@@ -25,6 +25,7 @@ from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.demo import make_demo_dataset
 from fcos_lightning.distributed import check_world_size, run_multirun_job_with_ddp
 from fcos_lightning.evaluation import METRIC_NAMES, format_table
+from fcos_lightning.init_from import init_from_checkpoint
 from fcos_lightning.lit_module import FCOSLitModule
 from fcos_lightning.precision import resolve_precision
 
@@ -153,6 +154,12 @@ def train(cfg: DictConfig) -> float:
     global_batch = world_size(cfg.trainer) * cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)
     schedule = make_schedule(cfg.schedule, global_batch)
     module = build_module(cfg, datamodule.num_classes, datamodule.category_map, schedule)
+    if cfg.get("init_from"):
+        if cfg.ckpt_path:
+            raise ValueError("init_from= (weights only, fine-tuning) and ckpt_path= (full resume) exclude each other")
+        init_from_checkpoint(
+            module.model, cfg.init_from, datamodule.category_map, OmegaConf.to_container(cfg.model, resolve=True)
+        )
 
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False

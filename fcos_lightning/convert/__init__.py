@@ -1,5 +1,6 @@
 """Checkpoint converters from other FCOS implementations into this package's :class:`FCOS` keys."""
 
+from fcos_lightning.convert.adelaidet import AdelaiDetArch, adelaidet_to_fcos, detect_architecture
 from fcos_lightning.convert.torchvision import (
     COCO80_TO_TORCHVISION91,
     TORCHVISION_GEOMETRY,
@@ -10,6 +11,9 @@ from fcos_lightning.convert.torchvision import (
 )
 
 __all__ = [
+    "AdelaiDetArch",
+    "adelaidet_to_fcos",
+    "detect_architecture",
     "COCO80_TO_TORCHVISION91",
     "TORCHVISION_GEOMETRY",
     "TorchvisionGeometry",

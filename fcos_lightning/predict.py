@@ -1,0 +1,116 @@
+"""Detection on image files with a checkpoint of ours: one JSON of detections and one picture per image.
+
+``predict(cfg)`` is the application behind ``predict.py`` (configs meet code here and in ``app.py`` only).
+Images are decoded as RGB with their EXIF orientation applied (JPEG/PNG/WebP; grayscale, palette and RGBA
+become RGB), resized as the checkpoint's test pipeline does (overridable), padded to the network's stride
+multiple, and the detections are mapped back to original pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torchvision.io import write_png
+
+from fcos_lightning.convert.checkpoint import load_model
+from fcos_lightning.data.coco import CategoryMap, _quiet_tv_io, read_image
+from fcos_lightning.data.transforms import ResizeShortestEdge
+from fcos_lightning.fcos.points import make_points
+from fcos_lightning.fcos.postprocess import FCOSPostProcessor
+from fcos_lightning.visualize import draw_detections
+
+log = logging.getLogger("fcos_lightning.predict")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """``path`` itself, or the image files (by suffix, case-insensitive) directly in the folder ``path``."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"input not found: {path}")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {path}")
+    return files
+
+
+@torch.no_grad()
+def detect(
+    model: nn.Module, postprocessor: FCOSPostProcessor, image: Tensor, resize: ResizeShortestEdge
+) -> dict[str, Tensor]:
+    """Detections of one uint8 RGB ``[3, H, W]`` image: boxes xyxy in its own pixels, scores, labels."""
+    device = model.pixel_mean.device
+    orig = image.shape[-2:]
+    size = resize.get_output_shape(orig[0], orig[1], resize.min_sizes[0], resize.max_size)
+    resized = image if tuple(size) == tuple(orig) else resize(image)
+    d = model.size_divisibility
+    h, w = resized.shape[-2:]
+    batch = torch.zeros(1, 3, -(-h // d) * d, -(-w // d) * d, dtype=torch.uint8, device=device)
+    batch[0, :, :h, :w] = resized.to(device)
+    image_sizes = torch.tensor([[h, w]], device=device)
+    outputs = model(batch, image_sizes)
+    points = make_points([x.shape[-2:] for x in outputs.cls_logits], model.strides, model.point_offset, device)
+    orig_sizes = torch.tensor([list(orig)], device=device)
+    return postprocessor(
+        outputs.cls_logits, outputs.box_reg, outputs.centerness, points, model.strides, image_sizes, orig_sizes
+    )[0]
+
+
+def detections_record(file: Path, image: Tensor, det: dict[str, Tensor], category_map: CategoryMap) -> dict:
+    """The JSON written for one image (columnar: one entry per detection in each list)."""
+    labels = det["labels"].cpu()
+    return {
+        "file": str(file),
+        "height": int(image.shape[-2]),
+        "width": int(image.shape[-1]),
+        "boxes_xyxy": det["boxes"].cpu().tolist(),
+        "scores": det["scores"].cpu().tolist(),
+        "labels": labels.tolist(),
+        "class_names": [category_map.names[k] for k in labels.tolist()],
+        "category_ids": category_map.labels_to_cat_ids(labels).tolist(),
+    }
+
+
+def predict(cfg: DictConfig) -> list[dict]:
+    """Run ``cfg.ckpt_path`` on ``cfg.input`` (file or folder); writes ``<name>.json`` and ``<name>.png`` per
+    image into ``cfg.output`` and returns the JSON records."""
+    from fcos_lightning.app import build
+
+    files = list_images(cfg.input)
+    out_dir = Path(cfg.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if cfg.device == "auto" else cfg.device)
+    model, category_map, run_cfg = load_model(cfg.ckpt_path)
+    model.to(device)
+    postprocessor = build(run_cfg.module.postprocessor)
+    test = run_cfg.data.datamodule
+    min_size = cfg.test_min_size if cfg.test_min_size is not None else test.test_min_size
+    max_size = cfg.test_max_size if cfg.test_max_size is not None else test.test_max_size
+    resize = ResizeShortestEdge((int(min_size),), int(max_size), sample=False)
+    thresh = cfg.score_thresh
+    log.info("%s: %d images, test resize %d/%d, score >= %s", cfg.ckpt_path, len(files), min_size, max_size, thresh)
+    records = []
+    for file in files:
+        image = read_image(str(file))
+        det = detect(model, postprocessor, image, resize)
+        if thresh is not None:
+            det = {k: v[det["scores"] >= thresh] for k, v in det.items()}
+        record = detections_record(file, image, det, category_map)
+        (out_dir / f"{file.name}.json").write_text(json.dumps(record, indent=1))
+        if cfg.draw:
+            picture = draw_detections(image, {k: v.cpu() for k, v in det.items()}, category_map.names)
+            with _quiet_tv_io():
+                write_png(picture, str(out_dir / f"{file.name}.png"))
+        records.append(record)
+        log.info("%s: %d detections", file.name, len(record["scores"]))
+    print(f"wrote {len(records)} x (.json, .png) to {out_dir}")
+    return records
