@@ -27,7 +27,8 @@ class COCODataModule(pl.LightningDataModule):
     ``category_map``, ``num_classes`` and ``class_names`` come from the train json's ``categories`` at
     construction, so the model can be sized before :meth:`setup`. ``val_dataset.coco`` is the pycocotools
     object for COCOeval. Validation shards contiguously with repeats to equal length
-    (:class:`InferenceSampler`): de-duplicate predictions by image id.
+    (:class:`InferenceSampler`): de-duplicate predictions by image id. ``on_bad_image`` (``error`` | ``skip``)
+    applies to training images; a bad validation image always stops (skipping it would bias AP).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class COCODataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         seed: int = 0,
+        on_bad_image: str = "error",
     ) -> None:
         super().__init__()
         self.train_ann_file = os.fspath(train_ann_file)
@@ -76,6 +78,7 @@ class COCODataModule(pl.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.seed = int(seed)
+        self.on_bad_image = on_bad_image
 
         self.category_map: CategoryMap = CategoryMap.from_coco_json(self.train_ann_file)
         self.train_dataset: CocoDetection | None = None
@@ -101,6 +104,7 @@ class COCODataModule(pl.LightningDataModule):
                 transforms=build_train_transforms(self.train_min_sizes, self.train_max_size, self.hflip_prob),
                 train=True,
                 filter_empty=self.filter_empty,
+                on_bad_image=self.on_bad_image,
             )
         if self.val_dataset is None:
             val = CocoDetection(
