@@ -24,6 +24,7 @@ from fcos_lightning.checkpointing import safe_load
 from fcos_lightning.config_check import check_config, check_output_dir
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.demo import make_demo_dataset
+from fcos_lightning.data.validate import FPNGeometry, ValidationReport, validate_split
 from fcos_lightning.evaluation import METRIC_NAMES, format_table
 from fcos_lightning.lit_module import FCOSLitModule
 from fcos_lightning.precision import resolve_precision
@@ -258,6 +259,33 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         print(f"{num_images} images in {elapsed:.1f} s: {metrics['images_per_second']:.2f} images/s end to end")
         print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'detections.json'}")
     return metrics
+
+
+def validate_data(cfg: DictConfig) -> ValidationReport:
+    """Validate the configured splits (``validate_data.py``); prints the report, writes validation.json."""
+    check_config(cfg)
+    output_dir = check_output_dir(cfg.output_dir)
+    prepare_data(cfg.data)
+    model = build(cfg.model, num_classes=1)  # only its geometry is used
+    dm = cfg.data.datamodule
+    geometry = FPNGeometry(
+        strides=tuple(model.strides),
+        sizes_of_interest=tuple(model.sizes_of_interest),
+        center_sampling_radius=cfg.module.center_sampling_radius,
+        point_offset=model.point_offset,
+        test_min_size=dm.test_min_size,
+        test_max_size=dm.test_max_size,
+    )
+    v = cfg.validate
+    splits = [
+        validate_split(s, cfg.data[s].ann_file, cfg.data[s].img_dir, geometry, v.images, v.num_workers)
+        for s in v.splits
+    ]
+    report = ValidationReport(splits)
+    report.write_json(output_dir / "validation.json")
+    print(report.format())
+    print(f"wrote {output_dir / 'validation.json'}")
+    return report
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

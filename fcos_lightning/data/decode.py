@@ -35,7 +35,7 @@ _TRANSPOSING = {5, 6, 7, 8}
 class BadImageError(OSError):
     """An image file that cannot be used: missing, undecodable, or not the size the json says."""
 
-    def __init__(self, message: str, path: str, image_id: int | None = None) -> None:
+    def __init__(self, message: str, path: str = "", image_id: int | None = None) -> None:
         super().__init__(message)
         self.path = path
         self.image_id = image_id
@@ -77,7 +77,7 @@ def _decode_pil(path: str) -> torch.Tensor:
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(im, dtype=np.float64)
             arr = (arr * (255.0 / 65535.0) + 0.5).clip(0, 255).astype(np.uint8)
-            im = Image.fromarray(arr, mode="L")
+            im = Image.fromarray(arr)
         elif im.mode == "P" and "transparency" in im.info:
             im = im.convert("RGBA")
         arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
