@@ -144,7 +144,15 @@ class SaveOnSigterm(pl.Callback):
 
 class RNGStateCheckpoint(pl.Callback):
     """Saves and restores the global torch, numpy and python RNG states with the checkpoint (plain tensors and
-    tuples, so ``weights_only=True`` loads them)."""
+    tuples, so ``weights_only=True`` loads them).
+
+    The states are applied at the first ``on_train_epoch_start`` after loading, not in :meth:`load_state_dict`:
+    Lightning draws random numbers while it sets the run up, after restoring callbacks. From an epoch-boundary
+    checkpoint the resumed run then draws exactly the augmentations of an uninterrupted one.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (the global state is what seeding sets)
@@ -161,9 +169,18 @@ class RNGStateCheckpoint(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        torch.set_rng_state(state_dict["torch"])
-        n = state_dict["numpy"]
-        keys = n["keys"].numpy().astype(np.uint32)
-        np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached"]))  # noqa: NPY002
-        version, internal, gauss = state_dict["python"]
-        random.setstate((version, tuple(internal), gauss))
+        self._pending = state_dict
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is not None:
+            _set_rng_states(self._pending)
+            self._pending = None
+
+
+def _set_rng_states(state_dict: dict[str, Any]) -> None:
+    torch.set_rng_state(state_dict["torch"])
+    n = state_dict["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached"]))  # noqa: NPY002
+    version, internal, gauss = state_dict["python"]
+    random.setstate((version, tuple(internal), gauss))
