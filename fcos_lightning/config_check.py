@@ -29,29 +29,32 @@ class ConfigError(ValueError):
     """A configuration value that cannot work, named by its full key."""
 
 
-def check_config(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
+# values the app resolves before they reach the constructor (trainer.precision=auto)
+RESOLVED_BY_APP = ("trainer.precision",)
+
+
+def check_config(cfg: DictConfig, resolved_by_app: tuple[str, ...] = RESOLVED_BY_APP) -> None:
     """Raise :class:`ConfigError` for the first unknown constructor key or mistyped plain value under ``cfg``.
 
-    ``skip``: top-level keys not checked (e.g. ``run_config`` copies of other nodes).
+    ``resolved_by_app``: full keys whose values the app translates itself, so they are not type-checked.
     """
     container = OmegaConf.to_container(cfg, resolve=True)
     for key, value in container.items():
-        if key not in skip:
-            _walk(value, str(key))
+        _walk(value, str(key), set(resolved_by_app))
 
 
-def _walk(node: Any, path: str) -> None:
+def _walk(node: Any, path: str, exempt: set[str]) -> None:
     if isinstance(node, dict):
         if "_target_" in node:
-            _check_target(node, path)
+            _check_target(node, path, exempt)
         for k, v in node.items():
-            _walk(v, f"{path}.{k}")
+            _walk(v, f"{path}.{k}", exempt)
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            _walk(v, f"{path}[{i}]")
+            _walk(v, f"{path}[{i}]", exempt)
 
 
-def _check_target(node: dict, path: str) -> None:
+def _check_target(node: dict, path: str, exempt: set[str]) -> None:
     target = node["_target_"]
     try:
         obj = get_object(target)
@@ -75,7 +78,9 @@ def _check_target(node: dict, path: str) -> None:
     except Exception:
         return
     for key, value in node.items():
-        if key in _HYDRA_KEYS or key not in hints or (isinstance(value, dict) and "_target_" in value):
+        if key in _HYDRA_KEYS or key not in hints or f"{path}.{key}" in exempt:
+            continue
+        if isinstance(value, dict) and "_target_" in value:
             continue
         ok = _matches(value, hints[key])
         if ok is False:
@@ -85,7 +90,9 @@ def _check_target(node: dict, path: str) -> None:
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is None and hasattr(tp, "__name__"):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
 
 
 def _matches(value: Any, tp: Any) -> bool | None:
@@ -109,8 +116,8 @@ def _matches(value: Any, tp: Any) -> bool | None:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if tp is str:
         return isinstance(value, str)
-    if origin is typing.Literal:  # the app may resolve extra spellings itself (trainer.precision=auto)
-        return True if value in args else None
+    if origin is typing.Literal:
+        return value in args
     if origin in (list, tuple, collections.abc.Sequence) or tp in (list, tuple):
         if not isinstance(value, list | tuple):
             return False

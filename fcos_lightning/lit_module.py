@@ -26,7 +26,7 @@ from fcos_lightning.fcos.points import make_points
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor, flatten_level
 from fcos_lightning.fcos.targets import TargetAssigner
 from fcos_lightning.modeling.detector import FCOS
-from fcos_lightning.nonfinite import ON_NONFINITE_LOSS, NonFiniteLossError, describe_nonfinite
+from fcos_lightning.nonfinite import ON_NONFINITE_LOSS, NonFiniteLossError, OnNonFiniteLoss, describe_nonfinite
 from fcos_lightning.visualize import detection_grid
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class FCOSLitModule(pl.LightningModule):
         run_config: dict | None = None,
         num_vis_images: int = 4,
         output_dir: str | None = None,
-        on_nonfinite_loss: str = "stop",
+        on_nonfinite_loss: OnNonFiniteLoss = "stop",
     ) -> None:
         super().__init__()
         if on_nonfinite_loss not in ON_NONFINITE_LOSS:

@@ -8,12 +8,14 @@ report and drops the step (no backward, no update).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal, get_args
 
 from torch import Tensor
 
-__all__ = ["ON_NONFINITE_LOSS", "NonFiniteLossError", "describe_nonfinite"]
+__all__ = ["ON_NONFINITE_LOSS", "NonFiniteLossError", "OnNonFiniteLoss", "describe_nonfinite"]
 
-ON_NONFINITE_LOSS = ("stop", "skip")
+OnNonFiniteLoss = Literal["stop", "skip"]
+ON_NONFINITE_LOSS = get_args(OnNonFiniteLoss)
 
 
 class NonFiniteLossError(FloatingPointError):

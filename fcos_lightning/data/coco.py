@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -41,7 +41,8 @@ logger = logging.getLogger("fcos_lightning.data")
 
 __all__ = ["ON_BAD_IMAGE", "CategoryMap", "CocoDetection", "load_coco_json", "read_coco_categories", "read_image"]
 
-ON_BAD_IMAGE = ("error", "skip")
+OnBadImage = Literal["error", "skip"]
+ON_BAD_IMAGE = get_args(OnBadImage)
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ class CocoDetection(torch.utils.data.Dataset):
         transforms: Callable | None = None,
         train: bool = False,
         filter_empty: bool = True,
-        on_bad_image: str = "error",
+        on_bad_image: OnBadImage = "error",
     ) -> None:
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be one of {list(ON_BAD_IMAGE)}, got {on_bad_image!r}")

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from .coco import CategoryMap, CocoDetection
+from .coco import ON_BAD_IMAGE, CategoryMap, CocoDetection, OnBadImage
 from .collate import Collator
 from .samplers import AspectRatioGroupedBatchSampler, InferenceSampler, dist_info
 from .transforms import build_test_transforms, build_train_transforms
@@ -51,7 +51,7 @@ class COCODataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         seed: int = 0,
-        on_bad_image: str = "error",
+        on_bad_image: OnBadImage = "error",
     ) -> None:
         super().__init__()
         self.train_ann_file = os.fspath(train_ann_file)
@@ -78,6 +78,8 @@ class COCODataModule(pl.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.seed = int(seed)
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image must be one of {list(ON_BAD_IMAGE)}, got {on_bad_image!r}")
         self.on_bad_image = on_bad_image
 
         self.category_map: CategoryMap = CategoryMap.from_coco_json(self.train_ann_file)
