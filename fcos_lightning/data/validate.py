@@ -131,7 +131,9 @@ class SplitReport:
         if self.levels:
             lines.append("   boxes per FPN level (regression distance at the box centre = half the longer side, test size):")
             for lv in self.levels:
-                lines.append(f"     P{lv['level']} stride {lv['stride']:>3} range {lv['range']}: {lv['boxes']}")
+                lo, hi = lv["range"]
+                span = f"{max(lo, 0):g}-{'inf' if hi is None else format(hi, 'g')} px"
+                lines.append(f"     P{lv['level']} stride {lv['stride']:>3} ({span}): {lv['boxes']} boxes")
         if self.best_possible_recall is not None:
             lines.append(
                 f"   best possible recall {self.best_possible_recall:.4f}: {self.num_unassignable_boxes} of "
@@ -475,7 +477,7 @@ def _fpn_levels(images: dict[int, dict], boxes_by_image: dict[int, list], geo: F
                     )
                     unassigned_ids.append(ann_ids[j])
     rep.levels = [
-        {"level": int(round(math.log2(s))), "stride": s, "range": [lo, min(hi, 1e8)], "boxes": int(n)}
+        {"level": int(round(math.log2(s))), "stride": s, "range": [lo, None if hi >= 1e8 else hi], "boxes": int(n)}
         for s, (lo, hi), n in zip(strides, ranges, per_level)
     ]
     rep.num_target_boxes = ann_count
