@@ -49,6 +49,7 @@ __all__ = [
 IMAGE_CHECKS = ("decode", "header", "none")
 MAX_IDS = 1000  # ids kept per issue in the JSON report (the count is always exact)
 SHOWN_IDS = 10  # ids shown per issue in the terminal
+IMAGES_PER_CALL = 4  # images per TargetAssigner call in the level statistics
 
 
 @dataclass
@@ -257,7 +258,13 @@ def validate_split(
     if image_check != "none" and os.path.isdir(img_dir):
         _check_files(images, img_dir, image_check, num_workers, rep)
     if geometry is not None:
-        _fpn_levels(images, boxes_by_image, geometry, rep)
+        # many small tensor ops: one intra-op thread is faster, and far faster on a busy machine
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _fpn_levels(images, boxes_by_image, geometry, rep)
+        finally:
+            torch.set_num_threads(threads)
     return rep
 
 
@@ -433,6 +440,38 @@ def _check_files(images: dict[int, dict], img_dir: str, mode: str, num_workers: 
             rep.add("error", code, msg, ids, "image", details=details[:MAX_IDS])
 
 
+def candidate_points(
+    grid: Sequence[torch.Tensor],
+    sizes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    boxes: torch.Tensor,
+    center_sampling_radius: float,
+) -> list[torch.Tensor]:
+    """The points of each level's ``grid`` that may lie in some box's centre region (a superset): the only points
+    that can be positives, so assigning on them finds the same boxes as the full grid at a fraction of the cost."""
+    b = boxes.numpy().astype(np.float64)
+    x0, y0, x1, y1 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    out = []
+    for pts, (gh, gw), s in zip(grid, sizes, strides):
+        if center_sampling_radius > 0:
+            r = center_sampling_radius * s
+            lx, hx = np.maximum(cx - r, x0), np.minimum(cx + r, x1)
+            ly, hy = np.maximum(cy - r, y0), np.minimum(cy + r, y1)
+        else:
+            lx, hx, ly, hy = x0, x1, y0, y1
+        shift_x, shift_y = float(pts[0, 0]), float(pts[0, 1])
+        i0 = np.clip(np.floor((lx - shift_x) / s), 0, gw - 1).astype(np.int64)
+        i1 = np.clip(np.ceil((hx - shift_x) / s), 0, gw - 1).astype(np.int64)
+        j0 = np.clip(np.floor((ly - shift_y) / s), 0, gh - 1).astype(np.int64)
+        j1 = np.clip(np.ceil((hy - shift_y) / s), 0, gh - 1).astype(np.int64)
+        mask = np.zeros((gh, gw), dtype=bool)
+        for a, bb, c, d in zip(j0.tolist(), j1.tolist(), i0.tolist(), i1.tolist()):
+            mask[a : bb + 1, c : d + 1] = True
+        out.append(pts[torch.from_numpy(np.flatnonzero(mask))])
+    return out
+
+
 def _fpn_levels(images: dict[int, dict], boxes_by_image: dict[int, list], geo: FPNGeometry, rep: SplitReport):
     """Boxes per level and boxes no location can take, with :class:`TargetAssigner` at the test resolution."""
     strides = list(geo.strides)
@@ -459,12 +498,12 @@ def _fpn_levels(images: dict[int, dict], boxes_by_image: dict[int, list], geo: F
     unassigned_ids: list[int] = []
     for (h, w), items in groups.items():
         sizes = [(-(-h // s), -(-w // s)) for s in strides]
-        points = make_points(sizes, strides, geo.point_offset, "cpu")
+        grid = make_points(sizes, strides, geo.point_offset, "cpu")
         items.sort(key=lambda t: len(t[1]))
-        batch = max(1, 64 // max(1, len(items[-1][1]) // 16 + 1))
-        for start in range(0, len(items), batch):
-            chunk = items[start : start + batch]
+        for start in range(0, len(items), IMAGES_PER_CALL):
+            chunk = items[start : start + IMAGES_PER_CALL]
             boxes = [b for _, b in chunk]
+            points = candidate_points(grid, sizes, strides, torch.cat(boxes), geo.center_sampling_radius)
             labels = [torch.zeros(len(b), dtype=torch.int64) for b in boxes]
             matched = assigner(points, boxes, labels, num_classes=1).matched_idx
             for row, (ann_ids, b) in enumerate(chunk):
