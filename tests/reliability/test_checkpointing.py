@@ -61,6 +61,14 @@ def test_non_finite_model_is_not_saved(tmp_path):
     assert safe_load(path)["global_step"] == 1
 
 
+def test_truncated_checkpoint_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "global_step": 1}, path)
+    path.write_bytes(path.read_bytes()[:1500])
+    with pytest.raises(ValueError, match=r"last\.ckpt: not a readable torch checkpoint"):
+        safe_load(path)
+
+
 def _killed_while_saving(path: str) -> None:
     """Child process: start overwriting ``path`` and die by SIGKILL halfway through the write."""
 
