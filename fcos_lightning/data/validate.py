@@ -323,6 +323,7 @@ def _annotations(anns: list, images: dict[int, dict], cat_names: dict[int, str],
     dup, unknown_img, unknown_cat, malformed, nonfinite, degenerate = [], [], [], [], [], []
     outside, tiny = [], []
     outside_details: list[str] = []
+    worst_overflow = 0.0
     per_class: Counter[int] = Counter()
     crowd_per_image: Counter[int] = Counter()
     boxes_by_image: dict[int, list[tuple[int, list[float]]]] = defaultdict(list)
@@ -364,9 +365,10 @@ def _annotations(anns: list, images: dict[int, dict], cat_names: dict[int, str],
         over = max(0.0, -x, -y, x + w - W, y + h - H)
         x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
         if over > 0:
+            worst_overflow = max(worst_overflow, over)
             outside.append(aid)
             outside_details.append(
-                f"annotation {aid} (image {iid}, {W}x{H}): bbox {[x, y, w, h]} extends {over:.1f} px outside"
+                f"annotation {aid} (image {iid}, width {W}, height {H}): bbox {[x, y, w, h]} extends {over:.1f} px outside"
             )
         if x1 - x0 < 1.0 or y1 - y0 < 1.0:
             tiny.append(aid)
@@ -397,9 +399,8 @@ def _annotations(anns: list, images: dict[int, dict], cat_names: dict[int, str],
         rep.add("error", "degenerate_box", "boxes with zero or negative width or height (a classic NaN-loss cause)",
                 degenerate, "annotation")
     if outside:
-        worst = max(float(d.split(" extends ")[1].split(" px")[0]) for d in outside_details)
         rep.add("warning", "box_outside_image",
-                f"boxes extending outside their image (clipped by the loader; worst by {worst:.1f} px)",
+                f"boxes extending outside their image (clipped by the loader; worst by {worst_overflow:.1f} px)",
                 outside, "annotation", details=outside_details[:MAX_IDS])
     if tiny:
         rep.add("warning", "box_dropped_after_clipping",
@@ -512,7 +513,7 @@ def _fpn_levels(images: dict[int, dict], boxes_by_image: dict[int, list], geo: F
                 for j in torch.nonzero(~hit).flatten().tolist():
                     x0, y0, x1, y1 = b[j].tolist()
                     unassigned.append(
-                        f"annotation {ann_ids[j]}: {x1 - x0:.1f}x{y1 - y0:.1f} px at test size {h}x{w}"
+                        f"annotation {ann_ids[j]}: {x1 - x0:.1f}x{y1 - y0:.1f} px (w x h) at test size (h, w) = ({h}, {w})"
                     )
                     unassigned_ids.append(ann_ids[j])
     rep.levels = [
