@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench clean validate-data
 
 venv: $(STAMP)
 
@@ -15,6 +15,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 demo: venv
 	$(PY) train.py experiment=demo
+
+# check a dataset before training; same overrides as train.py: make validate-data ARGS="experiment=demo"
+validate-data: venv
+	$(PY) validate_data.py $(ARGS)
 
 test: venv
 	$(PY) -m ruff check .

@@ -21,8 +21,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fcos_lightning.checkpointing import safe_load
+from fcos_lightning.config_check import check_config, check_output_dir
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.demo import make_demo_dataset
+from fcos_lightning.data.validate import FPNGeometry, ValidationReport, validate_split
 from fcos_lightning.distributed import check_world_size, run_multirun_job_with_ddp
 from fcos_lightning.evaluation import METRIC_NAMES, format_table
 from fcos_lightning.init_from import init_from_checkpoint
@@ -89,6 +92,8 @@ def build(cfg: DictConfig, **kwargs):
     try:
         return instantiate(cfg, **kwargs)
     except InstantiationException as e:
+        if isinstance(e.__cause__, TypeError):  # e.g. an unexpected keyword: name the config node
+            raise TypeError(f"{cfg._get_full_key(None) or cfg.get('_target_')}: {e.__cause__}") from None
         if e.__cause__ is not None:
             raise e.__cause__ from None
         raise
@@ -132,8 +137,12 @@ def build_module(cfg: DictConfig, num_classes: int, category_map: CategoryMap, s
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
+    """``last``: the run dir's last.ckpt (must exist); ``auto``: last.ckpt if it exists, else a fresh start."""
     if ckpt_path is None:
         return None
+    if ckpt_path == "auto":
+        path = Path(output_dir) / "checkpoints" / "last.ckpt"
+        return str(path) if path.is_file() else None
     if ckpt_path == "last":
         path = Path(output_dir) / "checkpoints" / "last.ckpt"
         if not path.is_file():
@@ -146,8 +155,8 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
 
 def train(cfg: DictConfig) -> float:
     """Train ``cfg``; returns the final ``val/AP`` (percent) so that sweepers can optimize it."""
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_config(cfg)
+    output_dir = check_output_dir(cfg.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
     prepare_data(cfg.data)
     datamodule = build(cfg.data.datamodule)
@@ -205,8 +214,8 @@ def train(cfg: DictConfig) -> float:
 
 
 def load_checkpoint(path: str) -> dict:
-    """A checkpoint of ours, loaded without unpickling code (``weights_only=True``)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint of ours, loaded without unpickling code (``weights_only=True``, :func:`safe_load`)."""
+    ckpt = safe_load(path)
     for key in ("state_dict", "category_map", "fcos_config"):
         if key not in ckpt:
             raise ValueError(f"{path} is not an fcos_lightning checkpoint: no {key!r} entry")
@@ -215,8 +224,8 @@ def load_checkpoint(path: str) -> dict:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate a checkpoint on a val split; writes metrics.json and detections.json to ``cfg.output_dir``."""
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_config(cfg)
+    output_dir = check_output_dir(cfg.output_dir)
     ckpt = load_checkpoint(cfg.ckpt_path)
     run_cfg = OmegaConf.create(ckpt["fcos_config"])
     run_cfg.output_dir = str(output_dir)
@@ -263,6 +272,33 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         print(f"{num_images} images in {elapsed:.1f} s: {metrics['images_per_second']:.2f} images/s end to end")
         print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'detections.json'}")
     return metrics
+
+
+def validate_data(cfg: DictConfig) -> ValidationReport:
+    """Validate the configured splits (``validate_data.py``); prints the report, writes validation.json."""
+    check_config(cfg)
+    output_dir = check_output_dir(cfg.output_dir)
+    prepare_data(cfg.data)
+    model = build(cfg.model, num_classes=1)  # only its geometry is used
+    dm = cfg.data.datamodule
+    geometry = FPNGeometry(
+        strides=tuple(model.strides),
+        sizes_of_interest=tuple(model.sizes_of_interest),
+        center_sampling_radius=cfg.module.center_sampling_radius,
+        point_offset=model.point_offset,
+        test_min_size=dm.test_min_size,
+        test_max_size=dm.test_max_size,
+    )
+    v = cfg.validate
+    splits = [
+        validate_split(s, cfg.data[s].ann_file, cfg.data[s].img_dir, geometry, v.images, v.num_workers)
+        for s in v.splits
+    ]
+    report = ValidationReport(splits)
+    report.write_json(output_dir / "validation.json")
+    print(report.format())
+    print(f"wrote {output_dir / 'validation.json'}")
+    return report
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

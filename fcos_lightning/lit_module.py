@@ -27,6 +27,7 @@ from fcos_lightning.fcos.points import make_points
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor, flatten_level
 from fcos_lightning.fcos.targets import TargetAssigner
 from fcos_lightning.modeling.detector import FCOS
+from fcos_lightning.nonfinite import ON_NONFINITE_LOSS, NonFiniteLossError, OnNonFiniteLoss, describe_nonfinite
 from fcos_lightning.visualize import detection_grid
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class FCOSLitModule(pl.LightningModule):
             ``evaluate.py`` and ``predict.py`` rebuild the model from the checkpoint alone.
         num_vis_images: validation images drawn to TensorBoard at each round.
         output_dir: where ``metrics.json`` of the last validation is written (None: not written).
+        on_nonfinite_loss: ``stop`` raises on a NaN/Inf training loss naming the batch's image ids and the
+            loss terms; ``skip`` logs that and skips the step (:mod:`fcos_lightning.nonfinite`).
     """
 
     def __init__(
@@ -80,8 +83,13 @@ class FCOSLitModule(pl.LightningModule):
         run_config: dict | None = None,
         num_vis_images: int = 4,
         output_dir: str | None = None,
+        on_nonfinite_loss: OnNonFiniteLoss = "stop",
     ) -> None:
         super().__init__()
+        if on_nonfinite_loss not in ON_NONFINITE_LOSS:
+            raise ValueError(f"on_nonfinite_loss must be one of {list(ON_NONFINITE_LOSS)}, got {on_nonfinite_loss!r}")
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.num_nonfinite_steps = 0
         self.model = model
         self.category_map = CategoryMap.from_dict(category_map)
         if self.category_map.num_classes != model.num_classes:
@@ -151,13 +159,24 @@ class FCOSLitModule(pl.LightningModule):
         )
 
     # ---- training -----------------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         outputs = self(batch["images"], batch["image_sizes"])
         losses = self.compute_loss(outputs, self.points(outputs), batch["targets"])
+        if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(losses["loss"])), all=False):
+            return self._nonfinite_loss(batch, losses)
         bs = batch["images"].shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=False, batch_size=bs)
         self.log("loss", losses["loss"].detach(), prog_bar=True, logger=False, batch_size=bs)
         return losses["loss"]
+
+    def _nonfinite_loss(self, batch: dict, losses: dict[str, Tensor]) -> None:
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else None
+        report = describe_nonfinite(self.global_step, batch["image_ids"].tolist(), losses, lr)
+        if self.on_nonfinite_loss == "stop":
+            raise NonFiniteLossError(f"{report}; stopping (module.on_nonfinite_loss=skip skips such steps)")
+        self.num_nonfinite_steps += 1
+        log.warning("%s; step skipped (%d so far)", report, self.num_nonfinite_steps)
+        return None
 
     # ---- validation ---------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

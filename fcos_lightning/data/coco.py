@@ -25,21 +25,24 @@ import json
 import logging
 import os
 import re
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, read_file
+
+from .decode import BadImageError, ImageSizeMismatchError, decode_image_file, exif_orientation, stored_size, transposes
 
 logger = logging.getLogger("fcos_lightning.data")
 
-__all__ = ["CategoryMap", "CocoDetection", "load_coco_json", "read_coco_categories", "read_image"]
+__all__ = ["ON_BAD_IMAGE", "CategoryMap", "CocoDetection", "load_coco_json", "read_coco_categories", "read_image"]
+
+OnBadImage = Literal["error", "skip"]
+ON_BAD_IMAGE = get_args(OnBadImage)
 
 
 @dataclass(frozen=True)
@@ -179,36 +182,10 @@ def read_coco_categories(ann_file: str | os.PathLike) -> list[dict]:
     return data["categories"]
 
 
-@contextlib.contextmanager
-def _quiet_tv_io() -> Iterator[None]:
-    # torchvision 0.29 deprecates its image codecs in favour of TorchCodec and warns on every call.
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="The image decoding and encoding", category=DeprecationWarning
-        )
-        yield
-
-
 def read_image(path: str, image_id: int | None = None) -> torch.Tensor:
-    """Decode ``path`` to uint8 RGB ``[3,H,W]`` (EXIF orientation applied; gray/RGBA/palette -> RGB).
-
-    Errors name the file (and the image id when given).
-    """
-    what = f"{path}" + ("" if image_id is None else f" (image id {image_id})")
-    with _quiet_tv_io():
-        try:
-            data = read_file(path)
-        except RuntimeError as e:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"image file not found: {what}") from e
-            raise OSError(f"cannot read image file {what}: {e}") from e
-        try:
-            img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        except RuntimeError as e:
-            raise OSError(f"cannot decode image file {what}: {e}") from e
-    if img.dtype != torch.uint8:  # 16-bit PNG
-        img = (img.to(torch.float32) * (255.0 / 65535.0) + 0.5).to(torch.uint8)
-    return img
+    """Decode ``path`` to uint8 RGB ``[3,H,W]`` (EXIF orientation applied; gray/RGBA/palette/CMYK/16-bit ->
+    RGB); :class:`~fcos_lightning.data.decode.BadImageError` names the file (and the image id when given)."""
+    return decode_image_file(path, image_id)
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -227,7 +204,11 @@ class CocoDetection(torch.utils.data.Dataset):
         transforms: Callable | None = None,
         train: bool = False,
         filter_empty: bool = True,
+        on_bad_image: OnBadImage = "error",
     ) -> None:
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image must be one of {list(ON_BAD_IMAGE)}, got {on_bad_image!r}")
+        self.on_bad_image = on_bad_image
         self.ann_file = os.fspath(ann_file)
         self.img_dir = os.fspath(img_dir)
         if not os.path.isfile(self.ann_file):
@@ -404,18 +385,36 @@ class CocoDetection(torch.utils.data.Dataset):
         }
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
+        if self.on_bad_image == "error":
+            return self._transformed(self.load(idx))
+        skipped: list[int] = []
+        for attempt in range(len(self)):
+            j = (idx + attempt) % len(self)
+            try:
+                sample = self.load(j)
+            except BadImageError as e:
+                logger.warning("on_bad_image=skip: %s", e)
+                skipped.append(int(self._img_ids[j]))
+                continue
+            sample = self._transformed(sample)
+            sample["skipped_image_ids"] = skipped
+            return sample
+        raise BadImageError(f"{self.ann_file}: every image is unreadable (on_bad_image=skip)", self.img_dir)
+
+    def _transformed(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return sample if self.transforms is None else self.transforms(sample)
+
+    def load(self, idx: int) -> dict[str, Any]:
+        """Sample ``idx`` before ``transforms``; :class:`BadImageError` if its file is unusable."""
         image_id = int(self._img_ids[idx])
         path = os.path.join(self.img_dir, str(self._file_names[idx]))
         img = read_image(path, image_id)
         h, w = int(img.shape[-2]), int(img.shape[-1])
         jh, jw = int(self._heights[idx]), int(self._widths[idx])
         if (h, w) != (jh, jw):
-            raise ValueError(
-                f"image id {image_id} ({path}): decoded size (h, w) = ({h}, {w}) differs from the json's "
-                f"({jh}, {jw})"
-            )
+            raise ImageSizeMismatchError(size_mismatch_message(path, image_id, (h, w), (jh, jw)), path, image_id)
         s, e = int(self._starts[idx]), int(self._ends[idx])
-        sample = {
+        return {
             "image": tv_tensors.Image(img),
             "boxes": tv_tensors.BoundingBoxes(
                 torch.from_numpy(self._boxes[s:e].copy()), format="XYXY", canvas_size=(h, w)
@@ -424,6 +423,16 @@ class CocoDetection(torch.utils.data.Dataset):
             "image_id": image_id,
             "orig_size": (h, w),
         }
-        if self.transforms is not None:
-            sample = self.transforms(sample)
-        return sample
+
+
+def size_mismatch_message(path: str, image_id: int, decoded: tuple[int, int], expected: tuple[int, int]) -> str:
+    """Why a decoded size differs from the json's, with the EXIF orientation when that is the cause."""
+    msg = f"image id {image_id} ({path}): decoded size (h, w) = {decoded} differs from the json's {expected}"
+    orientation = exif_orientation(path)
+    if orientation != 1:
+        raw = stored_size(path)
+        msg += f" (EXIF orientation {orientation} applied; stored pixels are {raw}"
+        if raw == expected and transposes(orientation):
+            msg += ": the json gives the size before EXIF rotation; annotate the rotated image or fix its EXIF tag"
+        msg += ")"
+    return msg

@@ -23,7 +23,9 @@ class Collator:
     - ``image_sizes`` int64 ``[B,2]``: (h, w) of each resized image before padding;
     - ``orig_sizes`` int64 ``[B,2]``: (h, w) of each decoded image before resizing;
     - ``image_ids`` int64 ``[B]``;
-    - ``targets``: list of ``{"boxes": float32 [M,4] xyxy, "labels": int64 [M]}`` (``M`` may be 0).
+    - ``targets``: list of ``{"boxes": float32 [M,4] xyxy, "labels": int64 [M]}`` (``M`` may be 0);
+    - ``skipped_image_ids`` int64 ``[K]``, only when samples carry it (``on_bad_image=skip``): the ids of
+      unreadable images replaced by other samples in this batch, so the main process can count them.
     """
 
     def __init__(self, size_divisibility: int = 32) -> None:
@@ -56,10 +58,14 @@ class Collator:
             }
             for s in samples
         ]
-        return {
+        out = {
             "images": batch,
             "image_sizes": image_sizes,
             "orig_sizes": torch.tensor([tuple(s["orig_size"]) for s in samples], dtype=torch.int64),
             "image_ids": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
             "targets": targets,
         }
+        if any("skipped_image_ids" in s for s in samples):
+            skipped = [int(i) for s in samples for i in s.get("skipped_image_ids", ())]
+            out["skipped_image_ids"] = torch.tensor(skipped, dtype=torch.int64)
+        return out

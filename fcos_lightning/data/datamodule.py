@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from .coco import CategoryMap, CocoDetection
+from .coco import ON_BAD_IMAGE, CategoryMap, CocoDetection, OnBadImage
 from .collate import Collator
 from .samplers import AspectRatioGroupedBatchSampler, InferenceSampler, dist_info
 from .transforms import build_test_transforms, build_train_transforms
@@ -27,7 +27,8 @@ class COCODataModule(pl.LightningDataModule):
     ``category_map``, ``num_classes`` and ``class_names`` come from the train json's ``categories`` at
     construction, so the model can be sized before :meth:`setup`. ``val_dataset.coco`` is the pycocotools
     object for COCOeval. Validation shards contiguously with repeats to equal length
-    (:class:`InferenceSampler`): de-duplicate predictions by image id.
+    (:class:`InferenceSampler`): de-duplicate predictions by image id. ``on_bad_image`` (``error`` | ``skip``)
+    applies to training images; a bad validation image always stops (skipping it would bias AP).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class COCODataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         seed: int = 0,
+        on_bad_image: OnBadImage = "error",
     ) -> None:
         super().__init__()
         self.train_ann_file = os.fspath(train_ann_file)
@@ -76,6 +78,9 @@ class COCODataModule(pl.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.seed = int(seed)
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image must be one of {list(ON_BAD_IMAGE)}, got {on_bad_image!r}")
+        self.on_bad_image = on_bad_image
 
         self.category_map: CategoryMap = CategoryMap.from_coco_json(self.train_ann_file)
         self.train_dataset: CocoDetection | None = None
@@ -101,6 +106,7 @@ class COCODataModule(pl.LightningDataModule):
                 transforms=build_train_transforms(self.train_min_sizes, self.train_max_size, self.hflip_prob),
                 train=True,
                 filter_empty=self.filter_empty,
+                on_bad_image=self.on_bad_image,
             )
         if self.val_dataset is None:
             val = CocoDetection(

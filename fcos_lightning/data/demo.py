@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torchvision.io import encode_jpeg, encode_png
 
-from .coco import CategoryMap, _quiet_tv_io
+from .coco import CategoryMap
+from .decode import _quiet_tv_io
 
 __all__ = ["DEMO_CATEGORIES", "make_demo_dataset"]
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from timm.models.resnet import Bottleneck
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from fcos_lightning.checkpointing import safe_load
 from fcos_lightning.modeling.dcn import ModulatedDeformConv2d
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def load_trunk_weights(body: nn.Module, path: str | Path) -> None:
     A leading ``module.`` (DDP) is stripped. Missing and unexpected keys are logged (a classifier ``fc`` is
     expected to be unexpected); a file sharing no key with ``body`` is an error. Shape mismatches raise.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_load(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

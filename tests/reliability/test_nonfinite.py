@@ -1,0 +1,48 @@
+"""A NaN loss injected at a chosen step stops the run (naming the batch and the loss terms) and leaves the last
+good checkpoint, or is skipped with module.on_nonfinite_loss=skip."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from fcos_lightning.app import train
+from fcos_lightning.nonfinite import NonFiniteLossError
+from tests.reliability.helpers import finite_state, make_tiny_demo, tiny_cfg
+
+NAN_AT = 5
+RUN = [
+    "schedule.max_iter=8",
+    "schedule.val_interval=4",
+    "schedule.warmup_iters=2",
+    "schedule.milestones=[7]",
+    "module._target_=tests.reliability.helpers.NaNLossAtStep",
+    f"+module.nan_at_step={NAN_AT}",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_tiny_demo(tmp_path_factory.mktemp("nan_demo"))
+
+
+def test_nan_loss_stops_naming_images_and_terms_and_keeps_last_good_checkpoint(dataset, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as e:
+        train(tiny_cfg(dataset, run, *RUN))
+    msg = str(e.value)
+    assert f"step {NAN_AT}" in msg and "image ids [" in msg
+    assert "loss_box=nan" in msg and "loss_cls=" in msg and "lr=" in msg
+    step, finite = finite_state(run / "checkpoints" / "last.ckpt")
+    assert step == 4 and finite  # the checkpoint of the last validation before the NaN, untouched
+
+
+def test_skip_policy_drops_the_step_and_finishes(dataset, tmp_path, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="fcos_lightning.lit_module"):
+        train(tiny_cfg(dataset, run, *RUN, "module.on_nonfinite_loss=skip"))
+    skipped = [r for r in caplog.records if "step skipped" in r.getMessage()]
+    assert len(skipped) == 1 and f"step {NAN_AT}" in skipped[0].getMessage()
+    step, finite = finite_state(run / "checkpoints" / "last.ckpt")
+    assert step == 8 and finite
