@@ -21,8 +21,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fcos_lightning.checkpointing import safe_load
 from fcos_lightning.config_check import check_config, check_output_dir
+from fcos_lightning.convert.checkpoint import load_checkpoint
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.demo import make_demo_dataset
 from fcos_lightning.data.validate import FPNGeometry, ValidationReport, validate_split
@@ -211,15 +211,6 @@ def train(cfg: DictConfig) -> float:
         )
         log.info("run dir: %s (TensorBoard: tensorboard --logdir %s)", output_dir, output_dir / "tensorboard")
     return float(metrics.get("AP", float("nan")))
-
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint of ours, loaded without unpickling code (``weights_only=True``, :func:`safe_load`)."""
-    ckpt = safe_load(path)
-    for key in ("state_dict", "category_map", "fcos_config"):
-        if key not in ckpt:
-            raise ValueError(f"{path} is not an fcos_lightning checkpoint: no {key!r} entry")
-    return ckpt
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

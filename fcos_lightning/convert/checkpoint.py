@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from fcos_lightning.checkpointing import safe_load
 from fcos_lightning.convert.adelaidet import Conversion, adelaidet_to_fcos, detect_architecture
 from fcos_lightning.convert.torchvision import TORCHVISION_GEOMETRY, torchvision_to_fcos
 from fcos_lightning.data.coco import CategoryMap
@@ -36,15 +37,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     detectron2 ``.pkl``) is refused with the reason.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"{path}: torch.load(weights_only=True) refused it ({type(e).__name__}: {e}). Only tensor files are "
-            "loaded (no arbitrary unpickling); re-save it as torch.save(state_dict) where it was made."
-        ) from None
+    obj = safe_load(path)
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -210,14 +203,8 @@ def convert_checkpoint(
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint of ours (trained or converted), loaded with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({type(e).__name__}: {e})") from None
+    """A checkpoint of ours (trained or converted), loaded with ``weights_only=True`` (:func:`safe_load`)."""
+    ckpt = safe_load(path)
     for key in ("state_dict", "category_map", "fcos_config"):
         if not isinstance(ckpt, Mapping) or key not in ckpt:
             raise ValueError(
