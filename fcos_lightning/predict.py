@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torchvision.io import write_png
 
 from fcos_lightning.convert.checkpoint import load_model
-from fcos_lightning.data.coco import CategoryMap, _quiet_tv_io, read_image
+from fcos_lightning.data.coco import CategoryMap, read_image
+from fcos_lightning.data.decode import quiet_tv_io
 from fcos_lightning.data.transforms import ResizeShortestEdge
 from fcos_lightning.fcos.points import make_points
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
@@ -108,7 +109,7 @@ def predict(cfg: DictConfig) -> list[dict]:
         (out_dir / f"{file.name}.json").write_text(json.dumps(record, indent=1))
         if cfg.draw:
             picture = draw_detections(image, {k: v.cpu() for k, v in det.items()}, category_map.names)
-            with _quiet_tv_io():
+            with quiet_tv_io():
                 write_png(picture, str(out_dir / f"{file.name}.png"))
         records.append(record)
         log.info("%s: %d detections", file.name, len(record["scores"]))

@@ -53,7 +53,7 @@ class ImageSizeMismatchError(BadImageError, ValueError):
 
 
 @contextlib.contextmanager
-def _quiet_tv_io() -> Iterator[None]:
+def quiet_tv_io() -> Iterator[None]:
     # torchvision 0.29 deprecates its image codecs in favour of TorchCodec and warns on every call.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
@@ -90,7 +90,7 @@ def decode_image_file(path: str, image_id: int | None = None) -> torch.Tensor:
     what = _describe(path, image_id)
     if not os.path.isfile(path):
         raise MissingImageError(f"image file not found: {what}", path, image_id)
-    with _quiet_tv_io():
+    with quiet_tv_io():
         try:
             data = read_file(path)
         except RuntimeError as e:

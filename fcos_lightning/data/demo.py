@@ -25,7 +25,7 @@ import torch
 from torchvision.io import encode_jpeg, encode_png
 
 from .coco import CategoryMap
-from .decode import _quiet_tv_io
+from .decode import quiet_tv_io
 
 __all__ = ["DEMO_CATEGORIES", "make_demo_dataset"]
 
@@ -184,7 +184,7 @@ def _make_split(split: str, n: int, size: tuple[int, int], seed: int, img_dir: P
 
         png = i % 3 == 2
         file_name = f"demo_{split}_{i:05d}.{'png' if png else 'jpg'}"
-        with _quiet_tv_io():
+        with quiet_tv_io():
             encoded = encode_png(img) if png else encode_jpeg(img, quality=95)
         (img_dir / file_name).write_bytes(encoded.numpy().tobytes())
         images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
