@@ -225,8 +225,33 @@ class CocoDetection(torch.utils.data.Dataset):
         self.category_map = CategoryMap.from_categories(data["categories"], source=self.ann_file)
         data.setdefault("annotations", [])
         self._index(data)
+        self._check_files_exist()
         # The json dict is large (COCO train: ~1 GB as Python objects); keep it only for evaluation.
         self._coco: COCO | None = self._make_coco(data) if not self.train else None
+
+    # ------------------------------------------------------------------ construction
+    def _check_files_exist(self) -> None:
+        """Fail at start, not hours into a run, when image files are missing: one directory listing per folder
+        (not a stat per image). With ``on_bad_image=skip`` they are logged here and skipped when drawn."""
+        listings: dict[str, set[str] | None] = {}
+        missing = []
+        for idx, name in enumerate(self._file_names.tolist()):
+            folder, base = os.path.split(name)
+            if folder not in listings:
+                path = os.path.join(self.img_dir, folder)
+                listings[folder] = set(os.listdir(path)) if os.path.isdir(path) else None
+            if listings[folder] is None or base not in listings[folder]:
+                missing.append(idx)
+        if not missing:
+            return
+        shown = ", ".join(
+            f"{os.path.join(self.img_dir, str(self._file_names[i]))} (image id {int(self._img_ids[i])})"
+            for i in missing[:5]
+        )
+        message = f"{self.ann_file}: {len(missing)} of {len(self)} image files not found in {self.img_dir}: {shown}"
+        if self.on_bad_image == "error":
+            raise FileNotFoundError(f"{message}{', ...' if len(missing) > 5 else ''} (data.on_bad_image=skip skips them)")
+        logger.warning("%s; on_bad_image=skip: they will be skipped", message)
 
     # ------------------------------------------------------------------ construction
     def _index(self, data: dict) -> None:

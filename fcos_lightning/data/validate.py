@@ -441,38 +441,6 @@ def _check_files(images: dict[int, dict], img_dir: str, mode: str, num_workers: 
             rep.add("error", code, msg, ids, "image", details=details[:MAX_IDS])
 
 
-def candidate_points(
-    grid: Sequence[torch.Tensor],
-    sizes: Sequence[tuple[int, int]],
-    strides: Sequence[int],
-    boxes: torch.Tensor,
-    center_sampling_radius: float,
-) -> list[torch.Tensor]:
-    """The points of each level's ``grid`` that may lie in some box's centre region (a superset): the only points
-    that can be positives, so assigning on them finds the same boxes as the full grid at a fraction of the cost."""
-    b = boxes.numpy().astype(np.float64)
-    x0, y0, x1, y1 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    out = []
-    for pts, (gh, gw), s in zip(grid, sizes, strides):
-        if center_sampling_radius > 0:
-            r = center_sampling_radius * s
-            lx, hx = np.maximum(cx - r, x0), np.minimum(cx + r, x1)
-            ly, hy = np.maximum(cy - r, y0), np.minimum(cy + r, y1)
-        else:
-            lx, hx, ly, hy = x0, x1, y0, y1
-        shift_x, shift_y = float(pts[0, 0]), float(pts[0, 1])
-        i0 = np.clip(np.floor((lx - shift_x) / s), 0, gw - 1).astype(np.int64)
-        i1 = np.clip(np.ceil((hx - shift_x) / s), 0, gw - 1).astype(np.int64)
-        j0 = np.clip(np.floor((ly - shift_y) / s), 0, gh - 1).astype(np.int64)
-        j1 = np.clip(np.ceil((hy - shift_y) / s), 0, gh - 1).astype(np.int64)
-        mask = np.zeros((gh, gw), dtype=bool)
-        for a, bb, c, d in zip(j0.tolist(), j1.tolist(), i0.tolist(), i1.tolist()):
-            mask[a : bb + 1, c : d + 1] = True
-        out.append(pts[torch.from_numpy(np.flatnonzero(mask))])
-    return out
-
-
 def _fpn_levels(images: dict[int, dict], boxes_by_image: dict[int, list], geo: FPNGeometry, rep: SplitReport):
     """Boxes per level and boxes no location can take, with :class:`TargetAssigner` at the test resolution."""
     strides = list(geo.strides)
@@ -504,9 +472,8 @@ def _fpn_levels(images: dict[int, dict], boxes_by_image: dict[int, list], geo: F
         for start in range(0, len(items), IMAGES_PER_CALL):
             chunk = items[start : start + IMAGES_PER_CALL]
             boxes = [b for _, b in chunk]
-            points = candidate_points(grid, sizes, strides, torch.cat(boxes), geo.center_sampling_radius)
             labels = [torch.zeros(len(b), dtype=torch.int64) for b in boxes]
-            matched = assigner(points, boxes, labels, num_classes=1).matched_idx
+            matched = assigner(grid, boxes, labels, num_classes=1).matched_idx
             for row, (ann_ids, b) in enumerate(chunk):
                 hit = torch.zeros(len(b), dtype=torch.bool)
                 hit[matched[row][matched[row] >= 0]] = True

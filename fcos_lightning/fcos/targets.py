@@ -120,6 +120,8 @@ class TargetAssigner:
         num_classes: int,
         gt_crowd: Sequence[Tensor] | None = None,
     ) -> FCOSTargets:
+        """Targets for ``points`` (the full per-level grids of :func:`make_points`, finest first), per-image
+        ``gt_boxes`` ``[M_i, 4]`` xyxy pixels, ``gt_labels`` ``[M_i]`` and optional ``gt_crowd`` ``[M_i]`` flags."""
         flat, point_strides, ranges = self.point_attributes(points)
         boxes, labels, valid = pad_boxes(gt_boxes, gt_labels, gt_crowd)
         batch, num_points = len(gt_boxes), flat.shape[0]
@@ -173,6 +175,10 @@ class TargetAssigner:
             width = int((pts[:, 1] == pts[0, 1]).sum())
             height = pts.shape[0] // width
             xs, ys = pts[:width, 0].contiguous(), pts[::width, 1].contiguous()
+            if width * height != pts.shape[0] or not torch.equal(
+                pts, torch.stack((xs.repeat(height), ys.repeat_interleave(width)), dim=1)
+            ):
+                raise ValueError(f"points of stride {stride} are not a full row-major grid (use make_points)")
             radius = stride * self.center_sampling_radius
             rx0, rx1 = torch.maximum(cx - radius, x0), torch.minimum(cx + radius, x1)
             ry0, ry1 = torch.maximum(cy - radius, y0), torch.minimum(cy + radius, y1)

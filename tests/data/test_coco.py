@@ -218,3 +218,13 @@ def test_read_coco_categories_fast_path_and_fallbacks(tmp_path):
     path.write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(ValueError, match="no 'categories'"):
         read_coco_categories(path)
+
+
+def test_missing_image_files_fail_at_construction_or_are_logged_under_skip(small_coco, caplog):
+    os.remove(small_coco.file_of(33))
+    with pytest.raises(FileNotFoundError, match=r"1 of \d+ image files not found.*img_33\.png \(image id 33\)"):
+        CocoDetection(small_coco.ann_file, small_coco.img_dir, train=False)
+    with caplog.at_level(logging.WARNING, logger="fcos_lightning.data"):
+        ds = CocoDetection(small_coco.ann_file, small_coco.img_dir, train=False, on_bad_image="skip")
+    assert "img_33.png (image id 33)" in caplog.text and "skipped" in caplog.text
+    assert 33 in [ds.img_info(i)["id"] for i in range(len(ds))]  # still evaluated (skipped when drawn)

@@ -327,3 +327,11 @@ def test_crowded_image_with_ties_matches_reference():
     assert torch.equal(ours.matched_idx[0], ref_idx)
     assert torch.equal(ours.labels[0], ref_labels)
     torch.testing.assert_close(ours.reg_targets[0].double(), ref_reg, rtol=0, atol=1e-6)
+
+
+def test_points_must_be_full_grids():
+    points = make_points([(128 // s, 128 // s) for s in STRIDES], STRIDES, 0.5, "cpu")
+    points[0] = points[0][1:]  # a level with one point missing
+    boxes, labels = [torch.tensor([[10.0, 10.0, 60.0, 50.0]])], [torch.tensor([1])]
+    with pytest.raises(ValueError, match="stride 8 are not a full row-major grid"):
+        TargetAssigner(STRIDES, SIZES)(points, boxes, labels, NUM_CLASSES)

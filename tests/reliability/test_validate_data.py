@@ -134,31 +134,3 @@ def test_crowd_only_images_and_header_mode(small_coco):
     assert codes["box_outside_image"].ids == [3, 5, 6]
     assert "15.0 px outside" in " ".join(codes["box_outside_image"].details)
     assert not rep.errors
-
-
-@pytest.mark.parametrize("radius", [1.5, 0.0])
-def test_candidate_points_find_the_same_boxes_as_the_full_grid(radius):
-    import torch
-
-    from fcos_lightning.data.validate import candidate_points
-    from fcos_lightning.fcos.points import make_points
-    from fcos_lightning.fcos.targets import TargetAssigner
-
-    g = torch.Generator().manual_seed(0)
-    h, w, strides = 200, 264, [8, 16, 32]
-    sizes = [(-(-h // s), -(-w // s)) for s in strides]
-    grid = make_points(sizes, strides, 0.5, "cpu")
-    assigner = TargetAssigner(strides, (32, 64), radius)
-    boxes = []
-    for _ in range(6):
-        wh = torch.rand(12, 2, generator=g) * 120 + 1
-        xy = torch.rand(12, 2, generator=g) * (torch.tensor([w, h]) - wh)
-        boxes.append(torch.cat([xy, xy + wh], dim=1))
-    labels = [torch.zeros(len(b), dtype=torch.int64) for b in boxes]
-    full = assigner(grid, boxes, labels, 1).matched_idx
-    cand = assigner(candidate_points(grid, sizes, strides, torch.cat(boxes), radius), boxes, labels, 1).matched_idx
-    for row in range(len(boxes)):
-        assert set(full[row][full[row] >= 0].tolist()) == set(cand[row][cand[row] >= 0].tolist())
-    assert sum(p.shape[0] for p in candidate_points(grid, sizes, strides, boxes[0], radius)) < sum(
-        p.shape[0] for p in grid
-    )
