@@ -86,6 +86,17 @@ def optimize_for_inference(model: FCOS, channels_last: bool = True, fold_bn: boo
     return model
 
 
+def pad_images(images: Sequence[Tensor], divisor: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """``[3, H, W]`` uint8 images zero-padded bottom/right into a ``[B, 3, H', W']`` batch divisible by ``divisor``
+    (the backbone's coarsest stride, as the data pipeline pads), and their ``[B, 2]`` (h, w) sizes."""
+    sizes = torch.tensor([img.shape[-2:] for img in images], dtype=torch.int64)
+    h, w = (-(-int(s) // divisor) * divisor for s in sizes.max(dim=0).values)
+    batch = torch.zeros((len(images), 3, h, w), dtype=torch.uint8, device=device)
+    for i, img in enumerate(images):
+        batch[i, :, : img.shape[-2], : img.shape[-1]].copy_(img, non_blocking=True)
+    return batch, sizes.to(device)
+
+
 class Predictor:
     """Detections for uint8 RGB images at the network's input resolution.
 
@@ -111,14 +122,8 @@ class Predictor:
         self.network = torch.compile(model, dynamic=False) if compile else model
 
     def pad(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """Zero-pad ``[3, H, W]`` uint8 images bottom/right into one batch divisible by the backbone's stride."""
-        sizes = torch.tensor([img.shape[-2:] for img in images], dtype=torch.int64)
-        d = max(self.model.backbone.strides)  # as the data pipeline: P6/P7 need no further padding
-        h, w = (-(-int(s) // d) * d for s in sizes.max(dim=0).values)
-        batch = torch.zeros((len(images), 3, h, w), dtype=torch.uint8, device=self.device)
-        for i, img in enumerate(images):
-            batch[i, :, : img.shape[-2], : img.shape[-1]].copy_(img, non_blocking=True)
-        return batch, sizes.to(self.device)
+        """Zero-pad ``[3, H, W]`` uint8 images into one batch on the model's device (:func:`pad_images`)."""
+        return pad_images(images, max(self.model.backbone.strides), self.device)
 
     @torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every use
     def __call__(
