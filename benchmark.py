@@ -107,7 +107,7 @@ def resnet50_pair(train: bool) -> tuple[nn.Module, FCOS]:
         tv = fcos_resnet50_fpn(weights=None, weights_backbone=None)
     backbone = TimmBackbone("resnet50", out_indices=(2, 3, 4), norm="frozen_bn", freeze_at=2)
     head = functools.partial(FCOSHead, norm="GN", use_scale=False)
-    ours = FCOS(backbone, head, num_classes=91, top_levels=2, point_offset=TORCHVISION_GEOMETRY.point_offset)
+    ours = FCOS(backbone, head, 91, top_levels=2, point_offset=TORCHVISION_GEOMETRY.point_offset, channels_last=True)
     load_converted(ours, tv)
     return tv, ours
 
@@ -140,7 +140,7 @@ def dla34_pair(train: bool) -> tuple[nn.Module, FCOS]:
     tv = TVFCOS(TimmFPN(), num_classes=80, min_size=512, max_size=736, anchor_generator=anchors)
     backbone = TimmBackbone("dla34", out_indices=(3, 4, 5), norm="syncbn", freeze_at=-1)
     head = functools.partial(FCOSHead, norm="GN")
-    ours = FCOS(backbone, head, num_classes=80, top_levels=0, sizes_of_interest=(64, 128))
+    ours = FCOS(backbone, head, num_classes=80, top_levels=0, sizes_of_interest=(64, 128))  # channels_last off
     load_converted(ours, tv)
     return tv, ours
 
