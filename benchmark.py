@@ -18,8 +18,8 @@ Both detectors run the same weights: torchvision's randomly initialised model, c
 - COCO evaluation of a generated result set: pycocotools on both sides (ours adds per-class AP).
 
 Timings: warm-up first, then the implementations alternate run by run and the table shows medians, so a
-busy machine slows both alike. ``--quick`` is a short smoke run (fewer repeats, batch 8 and DLA training
-left out). Results go to ``bench_results/speed.json``. Not a test: numbers depend on the machine.
+busy machine slows both alike. ``--quick`` is a short smoke run (one repeat; batch 8, R50 training and the
+variants left out). Results go to ``bench_results/speed.json``. Not a test: numbers depend on the machine.
 
     python benchmark.py [--quick] [--repeats N] [--output bench_results/speed.json]
 """
