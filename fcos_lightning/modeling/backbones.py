@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from timm.models.resnet import Bottleneck
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision import ops
 
 from fcos_lightning.checkpointing import safe_load
 from fcos_lightning.modeling.dcn import ModulatedDeformConv2d
@@ -29,6 +30,19 @@ from fcos_lightning.modeling.dcn import ModulatedDeformConv2d
 log = logging.getLogger(__name__)
 
 NORMS = ("frozen_bn", "bn", "syncbn")
+
+
+class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
+    """torchvision's FrozenBN computed in the input's dtype with one fused multiply-add.
+
+    torchvision's version multiplies by fp32 buffers, which promotes bf16 autocast activations to fp32 after
+    every backbone conv and costs a cast back before the next one (about a third of a ResNet-50's CPU time).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return torch.addcmul(bias.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
 
 
 def frozen_batch_norm(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
@@ -202,4 +216,4 @@ class TimmBackbone(nn.Module):
         return list(self.body(x))
 
 
-__all__ = ["TimmBackbone", "convert_frozen_batch_norm", "frozen_batch_norm", "load_trunk_weights"]
+__all__ = ["FrozenBatchNorm2d", "TimmBackbone", "convert_frozen_batch_norm", "frozen_batch_norm", "load_trunk_weights"]

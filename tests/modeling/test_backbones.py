@@ -9,9 +9,8 @@ import pytest
 import timm
 import torch
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
-from fcos_lightning.modeling.backbones import TimmBackbone, convert_frozen_batch_norm
+from fcos_lightning.modeling.backbones import FrozenBatchNorm2d, TimmBackbone, convert_frozen_batch_norm
 from fcos_lightning.modeling.dcn import ModulatedDeformConv2d
 
 RESNET_C3_C5 = [512, 1024, 2048]

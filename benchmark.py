@@ -1,0 +1,515 @@
+"""Speed of this FCOS against torchvision's, measured in one process on the same machine (``make bench``).
+
+Both detectors run the same weights: torchvision's randomly initialised model, converted into ours with
+:func:`~fcos_lightning.convert.torchvision_to_fcos`. Sections (each a row of the table, ours | torchvision | ratio):
+
+- inference, ResNet-50 FPN P3-P7 at 800x1333 and FCOS_RT DLA-34 P3-P5 at 512x683, batch 1 and 8, end to end:
+  uint8 image in, detections out. Ours: :class:`~fcos_lightning.inference.Predictor` (pad, normalize on device,
+  network under our default CPU precision, batched post-processing) on a model prepared by
+  :func:`~fcos_lightning.inference.optimize_for_inference`. torchvision: ``model([image / 255])`` in fp32
+  (its transform: normalize, resize, batch; then network and post-processing).
+- training, batch 2, same models and sizes: forward, loss, backward, SGD step (ours under the Lightning
+  ``precision=auto`` default, torchvision fp32).
+- target assignment for 10, 100, 1000 boxes on one 800x1333 image: time and peak-RSS growth
+  (``benchmarks/assign_targets.py``, one subprocess per measurement of memory).
+- data loading per worker on generated 640x480 JPEGs: ours = decode + multi-scale resize + flip + sanitize +
+  collate; torchvision's reference recipe = PIL decode + hflip + PILToTensor + to float (it resizes inside
+  the model, so its figure leaves the resize out).
+- COCO evaluation of a generated result set: pycocotools on both sides (ours adds per-class AP).
+
+Timings: warm-up first, then the implementations alternate run by run and the table shows medians, so a
+busy machine slows both alike. ``--quick`` is a short smoke run (one repeat; batch 8, R50 training and the
+variants left out). Results go to ``bench_results/speed.json``. Not a test: numbers depend on the machine.
+
+    python benchmark.py [--quick] [--repeats N] [--output bench_results/speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks import assign_targets
+from fcos_lightning.convert import TORCHVISION_GEOMETRY, torchvision_to_fcos
+from fcos_lightning.fcos.postprocess import FCOSPostProcessor
+from fcos_lightning.inference import Predictor, autocast, optimize_for_inference, pad_images
+from fcos_lightning.lit_module import FCOSLitModule
+from fcos_lightning.modeling.backbones import TimmBackbone
+from fcos_lightning.modeling.detector import FCOS
+from fcos_lightning.modeling.head import FCOSHead
+from fcos_lightning.precision import resolve_precision
+
+TARGETS = {"inference": 3.0, "training": 2.0}
+
+
+def interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, dict]:
+    """Median seconds per call of each function; calls alternate so load changes hit all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
+
+
+# ---- models ------------------------------------------------------------------------------------------------
+
+
+def load_converted(ours: FCOS, tv_model: nn.Module) -> None:
+    """torchvision's weights into ours; only our BN step counters and unused P6/P7 scales may be left over."""
+    converted = torchvision_to_fcos(tv_model.state_dict())
+    own = ours.state_dict()
+    missing, unexpected = ours.load_state_dict({k: v for k, v in converted.items() if k in own}, strict=False)
+    if [k for k in missing if not k.endswith("num_batches_tracked")] or not set(converted) - set(own) <= {
+        f"head.scales.{i}.scale" for i in range(5)
+    }:
+        raise RuntimeError(f"weights do not match: missing {missing}, unexpected {set(converted) - set(own)}")
+
+
+def resnet50_pair(train: bool) -> tuple[nn.Module, FCOS]:
+    """torchvision ``fcos_resnet50_fpn`` and ours (torchvision's geometry: same detections).
+
+    Inference uses ``fcos_resnet50_fpn(weights=None, weights_backbone=None)`` (BN in eval mode). Training
+    builds what that function builds with an ImageNet backbone (the reference recipe): FrozenBN, conv1 and
+    layer1 frozen, as our ``freeze_at=2``; without backbone weights torchvision would train every BN layer."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection import fcos_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.fcos import FCOS as TVFCOS
+    from torchvision.ops import FrozenBatchNorm2d
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    torch.manual_seed(0)
+    if train:
+        trunk = resnet50(norm_layer=FrozenBatchNorm2d)
+        tv = TVFCOS(_resnet_fpn_extractor(trunk, 3, [2, 3, 4], LastLevelP6P7(256, 256)), num_classes=91)
+    else:
+        tv = fcos_resnet50_fpn(weights=None, weights_backbone=None)
+    backbone = TimmBackbone("resnet50", out_indices=(2, 3, 4), norm="frozen_bn", freeze_at=2)
+    head = functools.partial(FCOSHead, norm="GN", use_scale=False)
+    ours = FCOS(backbone, head, 91, top_levels=2, point_offset=TORCHVISION_GEOMETRY.point_offset, channels_last=True)
+    load_converted(ours, tv)
+    return tv, ours
+
+
+class TimmFPN(nn.Module):
+    """timm ``dla34`` levels 3-5 + torchvision's FPN on them, no extra blocks: torchvision's FCOS backbone
+    for FCOS_RT DLA-34 (torchvision ships no DLA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import timm
+        from torchvision.ops import FeaturePyramidNetwork
+
+        self.body = timm.create_model("dla34", features_only=True, out_indices=(3, 4, 5))
+        self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), 256)
+        self.out_channels = 256
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+def dla34_pair(train: bool) -> tuple[nn.Module, FCOS]:
+    """torchvision's FCOS around timm DLA-34 + FPN P3-P5 (anchors 8/16/32, 512/736 resize) and our
+    ``dla34_rt`` preset (AdelaiDet geometry: points at s/2, Scales, its thresholds), same weights."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.fcos import FCOS as TVFCOS
+
+    torch.manual_seed(0)
+    anchors = AnchorGenerator(((8,), (16,), (32,)), ((1.0,),) * 3)
+    tv = TVFCOS(TimmFPN(), num_classes=80, min_size=512, max_size=736, anchor_generator=anchors)
+    backbone = TimmBackbone("dla34", out_indices=(3, 4, 5), norm="syncbn", freeze_at=-1)
+    head = functools.partial(FCOSHead, norm="GN")
+    ours = FCOS(backbone, head, num_classes=80, top_levels=0, sizes_of_interest=(64, 128))  # channels_last off
+    load_converted(ours, tv)
+    return tv, ours
+
+
+MODELS = {
+    "R50-FPN 800x1333": (resnet50_pair, (800, 1333), TORCHVISION_GEOMETRY.postprocessor_kwargs()),
+    "DLA34-RT 512x683": (dla34_pair, (512, 683), {}),
+}
+
+
+def images(n: int, size: tuple[int, int], seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=g) for _ in range(n)]
+
+
+def random_targets(n: int, size: tuple[int, int], num_classes: int, boxes: int = 8) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        wh = torch.rand(boxes, 2, generator=g) * torch.tensor([size[1] / 2, size[0] / 2]) + 16
+        xy = torch.rand(boxes, 2, generator=g) * (torch.tensor([size[1], size[0]]) - wh)
+        labels = torch.randint(1 if num_classes == 91 else 0, num_classes, (boxes,), generator=g)
+        out.append({"boxes": torch.cat((xy, xy + wh), 1), "labels": labels})
+    return out
+
+
+# ---- sections ----------------------------------------------------------------------------------------------
+
+
+def bench_inference(
+    name: str, batches: list[int], warmup: int, repeats: int, variants: bool, compiled: bool
+) -> list[dict]:
+    make_pair, size, post_kwargs = MODELS[name]
+    tv, model = make_pair(train=False)
+    tv.eval()
+    precision = resolve_precision("auto", "cpu")
+    baseline = copy.deepcopy(model).eval()
+    ours = Predictor(optimize_for_inference(model), FCOSPostProcessor(**post_kwargs), precision)
+    rows = []
+    for batch in batches:
+        imgs = images(batch, size)
+
+        def run_tv(imgs=imgs):
+            with torch.no_grad():
+                return tv([im.float() / 255 for im in imgs])
+
+        fns = {"ours": lambda imgs=imgs: ours(imgs), "torchvision": run_tv}
+        if variants and batch == 1:
+            plain = Predictor(baseline, FCOSPostProcessor(**post_kwargs), precision)
+            fp32 = Predictor(
+                optimize_for_inference(copy.deepcopy(baseline)), FCOSPostProcessor(**post_kwargs), "32-true"
+            )
+            fns[f"ours {precision}, no BN folding/channels-last"] = functools.partial(plain, imgs)
+            fns["ours fp32"] = functools.partial(fp32, imgs)
+        if compiled and batch == 1:
+            net = optimize_for_inference(copy.deepcopy(baseline))
+            fns["ours torch.compile"] = functools.partial(
+                Predictor(net, FCOSPostProcessor(**post_kwargs), compile=True), imgs
+            )
+        t = interleaved(fns, warmup, repeats)
+        rows.append(row(f"inference {name} batch {batch}", "images/s", batch / t["ours"]["median_s"],
+                        batch / t["torchvision"]["median_s"], True, "inference", t))  # fmt: skip
+        for k in fns:
+            if k.startswith("ours "):
+                rows.append(row(f"  variant: {k}", "images/s", batch / t[k]["median_s"], None, True, None, {}))
+    return rows
+
+
+def bench_training(name: str, warmup: int, repeats: int, variants: bool, batch: int = 2) -> list[dict]:
+    make_pair, size, _ = MODELS[name]
+    tv, model = make_pair(train=True)
+    num_classes = model.num_classes
+    precision = resolve_precision("auto", "cpu")
+    imgs = images(batch, size)
+    targets = random_targets(batch, size, num_classes)
+    cats = {"cat_ids": list(range(1, num_classes + 1)), "names": [f"c{i}" for i in range(num_classes)]}
+
+    def ours_step(channels_last: bool) -> Callable[[], None]:
+        net = copy.deepcopy(model)
+        net.channels_last = channels_last
+        net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        module = FCOSLitModule(net, cats).train()
+        optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+        batch_images, sizes = pad_images(imgs, max(net.backbone.strides), "cpu")
+
+        def step() -> None:
+            with autocast(precision, "cpu"):
+                outputs = module(batch_images, sizes)
+                loss = module.compute_loss(outputs, module.points(outputs), targets)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return step
+
+    tv.train()
+    tv_optimizer = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+    def tv_step() -> None:
+        losses = tv([im.float() / 255 for im in imgs], targets)
+        tv_optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        tv_optimizer.step()
+
+    default_cl = model.channels_last
+    fns = {"ours": ours_step(default_cl), "torchvision": tv_step}
+    if variants:
+        fns[f"ours channels_last={not default_cl}"] = ours_step(not default_cl)
+    t = interleaved(fns, warmup, repeats)
+    rows = [
+        row(
+            f"training {name} batch {batch}",
+            "images/s",
+            batch / t["ours"]["median_s"],
+            batch / t["torchvision"]["median_s"],
+            True,
+            "training",
+            t,
+        )  # fmt: skip
+    ]
+    for k in fns:
+        if k.startswith("ours "):
+            rows.append(row(f"  variant: {k}", "images/s", batch / t[k]["median_s"], None, True, None, {}))
+    return rows
+
+
+def bench_assignment(repeats: int) -> list[dict]:
+    impls = {"ours": assign_targets.Ours(), "torchvision": assign_targets.Torchvision()}
+    rows = []
+    for num_boxes in (10, 100, 1000):
+        boxes, labels = assign_targets.random_boxes(num_boxes)
+        fns = {k: functools.partial(impl, boxes, labels) for k, impl in impls.items()}
+        t = interleaved(fns, 1, repeats)
+        mem = {k: assign_targets.peak_memory(k, num_boxes, None)["peak_delta_bytes"] / 2**20 for k in impls}
+        label = f"target assignment {num_boxes} boxes"
+        rows.append(row(label, "ms", 1e3 * t["ours"]["median_s"], 1e3 * t["torchvision"]["median_s"], False, None, t))
+        rows.append(row(f"{label}, peak RSS growth", "MB", mem["ours"], mem["torchvision"], False, None, {}))
+    return rows
+
+
+def write_jpeg_dataset(root: Path, n: int, size: tuple[int, int] = (480, 640)) -> tuple[Path, Path]:
+    """``n`` noisy 640x480 JPEGs with 8 boxes each and their COCO json (80 categories)."""
+    from torchvision.io import encode_jpeg
+
+    g = torch.Generator().manual_seed(0)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    imgs, anns = [], []
+    for i in range(n):
+        img = (torch.rand(3, *size, generator=g) * 255).to(torch.uint8)
+        img = (img.float() * 0.3 + torch.linspace(0, 170, size[1])).to(torch.uint8)  # compressible, like a photo
+        (root / "img" / f"{i:04d}.jpg").write_bytes(encode_jpeg(img, quality=90).numpy().tobytes())
+        imgs.append({"id": i + 1, "file_name": f"{i:04d}.jpg", "height": size[0], "width": size[1]})
+        for b in random_targets(1, size, 80)[0]["boxes"].tolist():
+            x0, y0, x1, y1 = b
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1 + len(anns) % 80,
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})  # fmt: skip
+    cats = [{"id": c, "name": f"c{c}"} for c in range(1, 81)]
+    ann_file = root / "instances.json"
+    ann_file.write_text(json.dumps({"images": imgs, "annotations": anns, "categories": cats}))
+    return ann_file, root / "img"
+
+
+class ReferenceDataset(torch.utils.data.Dataset):
+    """torchvision's detection reference loading (``CocoDetection`` + ``DetectionPresetTrain("hflip")``): PIL
+    decode, random horizontal flip, PILToTensor, to float in [0, 1]; resizing happens later, in the model."""
+
+    def __init__(self, ann_file: Path, img_dir: Path) -> None:
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
+        self.tv_tensors = tv_tensors
+        data = json.loads(Path(ann_file).read_text())
+        self.images = data["images"]
+        self.boxes: dict[int, list] = {}
+        for a in data["annotations"]:
+            x, y, w, h = a["bbox"]
+            self.boxes.setdefault(a["image_id"], []).append([x, y, x + w, y + h])
+        self.img_dir = Path(img_dir)
+        steps = [v2.RandomHorizontalFlip(0.5), v2.PILToTensor(), v2.ToDtype(torch.float, scale=True)]
+        self.transforms = v2.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx: int):
+        from PIL import Image
+
+        info = self.images[idx]
+        image = Image.open(self.img_dir / info["file_name"]).convert("RGB")
+        boxes = self.tv_tensors.BoundingBoxes(self.boxes[info["id"]], format="XYXY", canvas_size=image.size[::-1])
+        return self.transforms(image, {"boxes": boxes, "image_id": info["id"]})
+
+
+def bench_data(num_images: int, repeats: int) -> list[dict]:
+    from torch.utils.data import DataLoader
+
+    from fcos_lightning.data.coco import CocoDetection
+    from fcos_lightning.data.collate import Collator
+    from fcos_lightning.data.transforms import build_train_transforms
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ann_file, img_dir = write_jpeg_dataset(Path(tmp), num_images)
+        train_sizes = (640, 672, 704, 736, 768, 800)  # AdelaiDet's multi-scale training (MS_R_50_2x)
+        ours = CocoDetection(str(ann_file), str(img_dir), build_train_transforms(train_sizes, 1333), train=True)
+        reference = ReferenceDataset(ann_file, img_dir)
+        loaders = {
+            "ours": DataLoader(ours, batch_size=2, num_workers=0, collate_fn=Collator(32)),
+            "torchvision": DataLoader(reference, batch_size=2, num_workers=0, collate_fn=lambda b: tuple(zip(*b))),
+        }
+        fns = {k: functools.partial(lambda loader: sum(1 for _ in loader), v) for k, v in loaders.items()}
+        t = interleaved(fns, 1, repeats)
+    return [
+        row(
+            "data loading, per worker (640x480 JPEG)",
+            "images/s",
+            num_images / t["ours"]["median_s"],
+            num_images / t["torchvision"]["median_s"],
+            True,
+            None,
+            t,
+        )  # fmt: skip
+    ]
+
+
+def bench_coco_eval(num_images: int, repeats: int) -> list[dict]:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from fcos_lightning.data.coco import CategoryMap
+    from fcos_lightning.evaluation import evaluate_coco
+
+    size = (480, 640)
+    g = torch.Generator().manual_seed(3)
+    gt_images = [{"id": i + 1, "height": size[0], "width": size[1], "file_name": f"{i}.jpg"} for i in range(num_images)]
+    anns, results = [], []
+    for i in range(num_images):
+        for b in random_targets(1, size, 80, boxes=7)[0]["boxes"].tolist():
+            cat = 1 + len(anns) % 80
+            x0, y0, x1, y1 = b
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                         "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})  # fmt: skip
+        for _ in range(100):  # 100 detections per image, some near a ground-truth box
+            j = int(torch.randint(len(anns) - 7, len(anns), (1,), generator=g))
+            x, y, w, h = (v * float(1 + 0.2 * torch.randn(1, generator=g)) for v in anns[j]["bbox"])
+            cat = anns[j]["category_id"] if torch.rand(1, generator=g) < 0.5 else int(torch.randint(1, 81, (1,)))
+            results.append({"image_id": i + 1, "category_id": cat, "bbox": [x, y, abs(w) + 1, abs(h) + 1],
+                            "score": float(torch.rand(1, generator=g))})  # fmt: skip
+    cats = [{"id": c, "name": f"c{c}"} for c in range(1, 81)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = {"images": gt_images, "annotations": anns, "categories": cats}
+        coco.createIndex()
+    category_map = CategoryMap.from_categories(cats)
+    ids = [im["id"] for im in gt_images]
+
+    def reference() -> None:  # torchvision references/detection/coco_eval.py: CocoEvaluator does the same
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev = COCOeval(coco, coco.loadRes(results), iouType="bbox")
+            ev.params.imgIds = ids
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+
+    t = interleaved(
+        {"ours": lambda: evaluate_coco(coco, results, ids, category_map), "torchvision": reference}, 1, repeats
+    )
+    return [
+        row(
+            f"COCO eval, {num_images} images x 100 dets (pycocotools)",
+            "s",
+            t["ours"]["median_s"],
+            t["torchvision"]["median_s"],
+            False,
+            None,
+            t,
+        )  # fmt: skip
+    ]
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+
+
+def row(what: str, unit: str, ours: float, tv: float | None, higher_better: bool, target_kind, timing) -> dict:
+    speedup = None
+    if tv is not None and min(ours, tv) > 0:
+        speedup = ours / tv if higher_better else tv / ours
+    target = TARGETS.get(target_kind)
+    out = {"what": what, "unit": unit, "ours": ours, "torchvision": tv, "speedup": speedup, "target": target}
+    out["timing"] = dict(timing)
+    print(format_row(out), flush=True)
+    return out
+
+
+def format_row(r: dict) -> str:
+    tv = "" if r["torchvision"] is None else f"{r['torchvision']:10.3g}"
+    speedup = "" if r["speedup"] is None else f"{r['speedup']:6.2f}x"
+    target = (
+        ""
+        if r["target"] is None
+        else f"target {r['target']:.0f}x: {'met' if r['speedup'] >= r['target'] else 'MISSED'}"
+    )
+    return f"{r['what']:<52} {r['unit']:>8} {r['ours']:10.3g} {tv:>10} {speedup:>8}  {target}"
+
+
+def machine() -> dict:
+    from fcos_lightning.precision import cpu_has_native_bf16
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "native_bf16": cpu_has_native_bf16(),
+        "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "our_precision": resolve_precision("auto", "cpu"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short smoke run: 1 repeat, batch 1, fewer sections")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5, quick 1)")
+    parser.add_argument("--sections", nargs="*", default=["inference", "training", "assign", "data", "eval"])
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile variant (compiles for minutes)")
+    parser.add_argument("--output", default="bench_results/speed.json")
+    args = parser.parse_args()
+    repeats = args.repeats or (1 if args.quick else 5)
+    warmup = 1
+    info = machine()
+    print(json.dumps(info), flush=True)
+    print(f"{'':<52} {'unit':>8} {'ours':>10} {'torchvis.':>10} {'ratio':>8}")
+    rows: list[dict] = []
+    sections = set(args.sections)
+    models = list(MODELS) if not args.quick else ["DLA34-RT 512x683"]
+    if "inference" in sections:
+        for name in MODELS:
+            rows += bench_inference(name, [1] if args.quick else [1, 8], warmup, repeats, not args.quick, args.compile)
+    if "training" in sections:
+        for name in models:
+            rows += bench_training(name, warmup, repeats, not args.quick)
+    if "assign" in sections:
+        rows += bench_assignment(max(repeats, 3))
+    if "data" in sections:
+        rows += bench_data(8 if args.quick else 48, repeats)
+    if "eval" in sections:
+        rows += bench_coco_eval(50 if args.quick else 500, repeats)
+
+    print("\nratio = how many times faster (or smaller) ours is. No GPU figures: none measured here.")
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, ours in {info['our_precision']}")
+    for r in rows:
+        print(format_row(r))
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "machine": info,
+        "repeats": repeats,
+        "warmup": warmup,
+        "load_average_at_end": os.getloadavg(),
+        "rows": rows,
+    }
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

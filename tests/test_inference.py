@@ -1,0 +1,111 @@
+"""The fast inference path: BN folding computes the same function, and bf16 autocast finds the same objects."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from fcos_lightning.fcos.loss import FCOSLoss
+from fcos_lightning.fcos.points import make_points
+from fcos_lightning.fcos.postprocess import flatten_level
+from fcos_lightning.fcos.targets import TargetAssigner
+from fcos_lightning.inference import Predictor, fold_batch_norms, optimize_for_inference, pad_images
+from fcos_lightning.modeling.backbones import TimmBackbone
+from fcos_lightning.modeling.detector import FCOS
+from fcos_lightning.modeling.head import FCOSHead
+from tests.fcos.test_overfit import NUM_CLASSES, make_batch
+
+STEPS = 60
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def tiny_fcos(norm: str = "bn") -> FCOS:
+    narrow = {"channels": [16, 32, 64, 128], "stem_width": 16}
+    backbone = TimmBackbone("resnet18", out_indices=(2, 3, 4), norm=norm, freeze_at=0, model_kwargs=narrow)
+    head = functools.partial(FCOSHead, norm="GN", num_cls_convs=2, num_box_convs=2)
+    return FCOS(backbone, head, NUM_CLASSES, fpn_channels=32, top_levels=2)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A narrow FCOS trained on two generated images until it detects their five boxes confidently (~5 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped, so set up before the single_thread fixture applies
+    torch.manual_seed(0)
+    model = tiny_fcos()
+    images, boxes, labels = make_batch()
+    assigner, criterion = TargetAssigner(model.strides), FCOSLoss(NUM_CLASSES)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(STEPS):
+        out = model(images)
+        points = make_points([x.shape[-2:] for x in out.cls_logits], model.strides, 0.5, "cpu")
+        gt = assigner(points, boxes, labels, NUM_CLASSES)
+        cat = [torch.cat([flatten_level(x) for x in levels], dim=1) for levels in out]
+        losses = criterion(cat[0], cat[1], cat[2][..., 0], gt.labels, gt.reg_targets)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    torch.set_num_threads(threads)
+    return model.eval(), images, boxes, labels
+
+
+@pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
+def test_folding_batch_norms_keeps_the_function(norm):
+    torch.manual_seed(1)
+    model = tiny_fcos(norm).eval()
+    for m in model.modules():  # non-trivial statistics, so folding has something to get right
+        if hasattr(m, "running_var") and m.running_var is not None:
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    images = make_batch()[0]
+    folded = copy.deepcopy(model)
+    count = fold_batch_norms(folded)
+    assert count == sum(1 for m in model.backbone.modules() if hasattr(m, "running_var"))
+    assert not any(hasattr(m, "running_var") for m in folded.modules())
+    with torch.no_grad():
+        for a, b in zip(model(images), folded(images), strict=True):
+            for x, y in zip(a, b, strict=True):
+                torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-4)
+
+
+def test_predictor_pads_and_matches_the_batched_input():
+    model = optimize_for_inference(tiny_fcos())
+    predictor = Predictor(model, precision="32-true")
+    images = [
+        torch.randint(0, 256, (3, 100, 130), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 64, 70), dtype=torch.uint8),
+    ]
+    batch, sizes = pad_images(images, 32, "cpu")
+    assert batch.shape == (2, 3, 128, 160) and sizes.tolist() == [[100, 130], [64, 70]]
+    assert torch.equal(batch[1, :, :64, :70], images[1]) and batch[1, :, 64:].eq(0).all()
+    assert model.channels_last and model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    from_list = predictor(images)
+    from_batch = predictor(batch, sizes)
+    for a, b in zip(from_list, from_batch, strict=True):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_bf16_finds_the_same_top_detections_as_fp32(trained):
+    model, images, boxes, labels = trained
+    fast = optimize_for_inference(copy.deepcopy(model))
+    fp32 = Predictor(fast, precision="32-true")(images)
+    bf16 = Predictor(fast, precision="bf16-mixed")(images)
+    for ref, low, gt_boxes, gt_labels in zip(fp32, bf16, boxes, labels, strict=True):
+        confident = ref["scores"] > 0.5
+        assert confident.sum() == len(gt_boxes)  # one confident detection per object: a meaningful comparison
+        top = {k: v[confident] for k, v in ref.items()}
+        gt_iou = box_iou(top["boxes"], gt_boxes)
+        gt_iou[top["labels"][:, None] != gt_labels[None, :]] = 0
+        assert (gt_iou.max(dim=1).values > 0.5).all()
+        iou = box_iou(top["boxes"], low["boxes"])
+        iou[top["labels"][:, None] != low["labels"][None, :]] = 0
+        best = iou.max(dim=1)
+        assert (best.values >= 0.9).all(), best.values
+        torch.testing.assert_close(low["scores"][best.indices], top["scores"], rtol=0, atol=0.05)
