@@ -9,12 +9,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from fcos_lightning import lit_module
 from fcos_lightning.distributed import apply_sync_batchnorm, should_sync_batchnorm
 from fcos_lightning.lit_module import FCOSLitModule
-from fcos_lightning.modeling.backbones import TimmBackbone
+from fcos_lightning.modeling.backbones import FrozenBatchNorm2d, TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import FCOSHead
 
