@@ -21,7 +21,17 @@ def draw_detections(
     if pred["boxes"].numel():
         labels = [f"{class_names[int(c)]} {float(s):.2f}" for c, s in zip(pred["labels"], pred["scores"])]
         colors = [PALETTE[int(c) % len(PALETTE)] for c in pred["labels"]]
-        out = draw_bounding_boxes(out, pred["boxes"].float(), labels=labels, colors=colors, width=2)
+        # white text on a label box filled with the class colour stays readable on any background
+        out = draw_bounding_boxes(
+            out,
+            pred["boxes"].float(),
+            labels=labels,
+            colors=colors,
+            width=2,
+            label_colors="white",
+            label_background_colors=colors,
+            fill_labels=True,
+        )
     return out
 
 
