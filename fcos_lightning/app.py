@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fcos_lightning.checkpointing import write_json_atomic
 from fcos_lightning.config_check import check_config, check_output_dir
-from fcos_lightning.convert.checkpoint import load_checkpoint
+from fcos_lightning.convert.checkpoint import load_checkpoint, model_state
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.demo import make_demo_dataset
 from fcos_lightning.data.validate import FPNGeometry, ValidationReport, validate_split
@@ -242,8 +242,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"checkpoint's {list(category_map.cat_ids)} ({cfg.ckpt_path})"
         )
     module: FCOSLitModule = build_module(run_cfg, category_map.num_classes, category_map, None)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    module.model.load_state_dict(state)
+    module.model.load_state_dict(model_state(ckpt))
     optimize_for_inference(module.model)  # BN folded into convs, channels-last: the fast inference path
     precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     trainer: pl.Trainer = instantiate(cfg.trainer, precision=precision, logger=False, default_root_dir=str(output_dir))
@@ -258,9 +257,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         summary = {k: metrics[k] for k in METRIC_NAMES}
         summary["per_class_AP"] = {k[3:]: v for k, v in metrics.items() if k.startswith("AP/")}
         summary.update(num_images=num_images, images_per_second=metrics["images_per_second"])
-        tmp = output_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, output_dir / "metrics.json")
+        write_json_atomic(output_dir / "metrics.json", summary, indent=2)
         print(format_table(metrics, category_map))
         print(f"{num_images} images in {elapsed:.1f} s: {metrics['images_per_second']:.2f} images/s end to end")
         print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'detections.json'}")

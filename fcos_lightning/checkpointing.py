@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -36,6 +37,14 @@ __all__ = [
     "first_nonfinite",
     "safe_load",
 ]
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> None:
+    """``json.dumps(obj)`` written to a temporary file and renamed over ``path``: readers (and a resumed run)
+    never see a half-written ``metrics.json``, report or annotation file."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    Path(tmp).write_text(json.dumps(obj, **dumps_kwargs))
+    os.replace(tmp, path)
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):

@@ -123,7 +123,7 @@ class Predictor:
 
     def pad(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Zero-pad ``[3, H, W]`` uint8 images into one batch on the model's device (:func:`pad_images`)."""
-        return pad_images(images, max(self.model.backbone.strides), self.device)
+        return pad_images(images, self.model.size_divisibility, self.device)
 
     @torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every use
     def __call__(

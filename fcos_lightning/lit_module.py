@@ -7,9 +7,7 @@ detections, which are scored by COCO AP over the whole validation split at the e
 from __future__ import annotations
 
 import bisect
-import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fcos_lightning.checkpointing import write_json_atomic
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.distributed import apply_sync_batchnorm, should_sync_batchnorm
 from fcos_lightning.evaluation import METRIC_NAMES, evaluate_coco, gather_detections, to_coco_results
@@ -245,9 +244,7 @@ class FCOSLitModule(pl.LightningModule):
             return
         path = Path(self.output_dir) / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(metrics, indent=2))
-        os.replace(tmp, path)
+        write_json_atomic(path, metrics, indent=2)
 
     # ---- optimization -------------------------------------------------------------------------------------
     def configure_optimizers(self):

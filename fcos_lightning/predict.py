@@ -14,15 +14,14 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.io import write_png
 
 from fcos_lightning.convert.checkpoint import load_model
 from fcos_lightning.data.coco import CategoryMap, read_image
 from fcos_lightning.data.decode import quiet_tv_io
 from fcos_lightning.data.transforms import ResizeShortestEdge
-from fcos_lightning.fcos.points import make_points
-from fcos_lightning.fcos.postprocess import FCOSPostProcessor
+from fcos_lightning.inference import Predictor, optimize_for_inference
 from fcos_lightning.visualize import draw_detections
 
 log = logging.getLogger("fcos_lightning.predict")
@@ -43,26 +42,12 @@ def list_images(path: str | Path) -> list[Path]:
     return files
 
 
-@torch.no_grad()
-def detect(
-    model: nn.Module, postprocessor: FCOSPostProcessor, image: Tensor, resize: ResizeShortestEdge
-) -> dict[str, Tensor]:
+def detect(predictor: Predictor, image: Tensor, resize: ResizeShortestEdge) -> dict[str, Tensor]:
     """Detections of one uint8 RGB ``[3, H, W]`` image: boxes xyxy in its own pixels, scores, labels."""
-    device = model.pixel_mean.device
     orig = image.shape[-2:]
     size = resize.get_output_shape(orig[0], orig[1], resize.min_sizes[0], resize.max_size)
     resized = image if tuple(size) == tuple(orig) else resize(image)
-    d = model.size_divisibility
-    h, w = resized.shape[-2:]
-    batch = torch.zeros(1, 3, -(-h // d) * d, -(-w // d) * d, dtype=torch.uint8, device=device)
-    batch[0, :, :h, :w] = resized.to(device)
-    image_sizes = torch.tensor([[h, w]], device=device)
-    outputs = model(batch, image_sizes)
-    points = make_points([x.shape[-2:] for x in outputs.cls_logits], model.strides, model.point_offset, device)
-    orig_sizes = torch.tensor([list(orig)], device=device)
-    return postprocessor(
-        outputs.cls_logits, outputs.box_reg, outputs.centerness, points, model.strides, image_sizes, orig_sizes
-    )[0]
+    return predictor([resized], orig_sizes=torch.tensor([list(orig)], device=predictor.device))[0]
 
 
 def detections_record(file: Path, image: Tensor, det: dict[str, Tensor], category_map: CategoryMap) -> dict:
@@ -91,8 +76,8 @@ def predict(cfg: DictConfig) -> list[dict]:
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
     model, category_map, run_cfg = load_model(cfg.ckpt_path)
-    model.to(device)
-    postprocessor = build(run_cfg.module.postprocessor)
+    model = optimize_for_inference(model.to(device))  # BN folded, channels-last: the fast path evaluate.py runs
+    predictor = Predictor(model, build(run_cfg.module.postprocessor), precision=cfg.precision)
     test = run_cfg.data.datamodule
     min_size = cfg.test_min_size if cfg.test_min_size is not None else test.test_min_size
     max_size = cfg.test_max_size if cfg.test_max_size is not None else test.test_max_size
@@ -102,7 +87,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     records = []
     for file in files:
         image = read_image(str(file))
-        det = detect(model, postprocessor, image, resize)
+        det = detect(predictor, image, resize)
         if thresh is not None:
             det = {k: v[det["scores"] >= thresh] for k, v in det.items()}
         record = detections_record(file, image, det, category_map)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torchvision.io import encode_jpeg, encode_png
 
+from fcos_lightning.checkpointing import write_json_atomic
 from .coco import CategoryMap
 from .decode import quiet_tv_io
 
@@ -90,9 +91,7 @@ def make_demo_dataset(
                 old.unlink()
             data = _make_split(split, n, (h, w), split_seed, img_dir)
             ann_file = Path(paths[f"{split}_ann_file"])
-            tmp = ann_file.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(data, separators=(",", ":")))
-            os.replace(tmp, ann_file)
+            write_json_atomic(ann_file, data, separators=(",", ":"))
     finally:
         torch.set_num_threads(threads)
     stamp.write_text(json.dumps(params))

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fcos_lightning.checkpointing import write_json_atomic
 from fcos_lightning.fcos.points import make_points
 from fcos_lightning.fcos.targets import TargetAssigner, size_ranges
 
@@ -172,10 +173,7 @@ class ValidationReport:
         return f"{body}\n{verdict}: {errors} errors, {warnings} warnings"
 
     def write_json(self, path: str | os.PathLike) -> None:
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict(), indent=2)
 
 
 def check_image_file(path: str, image_id: int, expected_hw: tuple[int, int], mode: str) -> str | None:

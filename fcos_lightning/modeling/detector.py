@@ -70,8 +70,10 @@ class FCOS(nn.Module):
 
     @property
     def size_divisibility(self) -> int:
-        """Padding multiple the input needs so every level has exact stride (the coarsest stride)."""
-        return self.fpn.strides[-1]
+        """Padding multiple the input needs: the backbone's coarsest stride, so the FPN's 2x top-down sums align
+        (detectron2's ``size_divisibility``, 32). P6/P7 are strided convs and need none; the data pipeline pads
+        to the same multiple."""
+        return self.backbone.size_divisibility
 
     def normalize(self, images: Tensor, image_sizes: Tensor | None = None) -> Tensor:
         """uint8 (or float 0-255) RGB ``[B, 3, H, W]`` -> normalized float; padding set to 0 (the mean pixel),

@@ -40,7 +40,7 @@ def test_converted_torchvision_reproduces_torchvision_detections(tmp_path, tv_co
 
     # the checkpoint's test resize (800/1333) would upscale: ask for torchvision's sizes, as the tv model has
     records, out = run_predict(
-        tmp_path, ckpt, tmp_path / "img.png", "score_thresh=null",
+        tmp_path, ckpt, tmp_path / "img.png", "score_thresh=null", "precision=32-true",
         f"test_min_size={HEIGHT}", f"test_max_size={WIDTH}",
     )  # fmt: skip
     written = json.loads((out / "img.png.json").read_text())
