@@ -19,6 +19,7 @@ points in Python.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -95,6 +96,13 @@ class TargetAssigner:
         self.center_sampling_radius = float(center_sampling_radius)
         self.inclusive_ranges = inclusive_ranges
         self.chunk_elements = int(chunk_elements)
+        self._grids: dict[int, tuple[weakref.ref, Tensor, Tensor]] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_grids": None}  # weak references do not pickle (DDP spawn, deepcopy)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _grids={})
 
     def point_attributes(self, points: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Concatenate level grids into ``[R, 2]`` points with per-point stride ``[R]`` and range ``[R, 2]``."""
@@ -169,16 +177,12 @@ class TargetAssigner:
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         area = (x1 - x0) * (y1 - y0)
         keys, box_ids, areas = [], [], []
-        image_offset = torch.arange(batch, device=device)[:, None, None, None] * sum(p.shape[0] for p in points)
+        total = batch * sum(p.shape[0] for p in points)
+        image_offset = torch.arange(batch, device=device)[:, None, None, None] * (total // batch)
         start = 0
         for pts, stride, (lo, hi) in zip(points, self.strides, self.ranges, strict=True):
-            width = int((pts[:, 1] == pts[0, 1]).sum())
-            height = pts.shape[0] // width
-            xs, ys = pts[:width, 0].contiguous(), pts[::width, 1].contiguous()
-            if width * height != pts.shape[0] or not torch.equal(
-                pts, torch.stack((xs.repeat(height), ys.repeat_interleave(width)), dim=1)
-            ):
-                raise ValueError(f"points of stride {stride} are not a full row-major grid (use make_points)")
+            xs, ys = self._grid_axes(pts, stride)
+            width, height = xs.shape[0], ys.shape[0]
             radius = stride * self.center_sampling_radius
             rx0, rx1 = torch.maximum(cx - radius, x0), torch.minimum(cx + radius, x1)
             ry0, ry1 = torch.maximum(cy - radius, y0), torch.minimum(cy + radius, y1)
@@ -196,18 +200,41 @@ class TargetAssigner:
                 in_range = (max_dist > lo) & (max_dist < hi)
             ok = inside & in_range & valid[..., None, None]  # [B, M, k, k]
             point = image_offset + start + row[..., :, None] * width + col[..., None, :]
-            keys.append(point[ok])
-            box_ids.append(torch.arange(num_boxes, device=device)[None, :, None, None].expand_as(ok)[ok])
-            areas.append(area[..., None].expand_as(ok)[ok])
+            keys.append(torch.where(ok, point, total).flatten())  # rejected candidates go to a spare slot
+            box_ids.append(torch.arange(num_boxes, device=device)[None, :, None, None].expand_as(ok).flatten())
+            areas.append(area[..., None].expand_as(ok).flatten())
             start += pts.shape[0]
 
+        # Masking by index (not boolean selection) keeps the shapes static: no host sync on GPUs.
         key, box_id, cand_area = torch.cat(keys), torch.cat(box_ids), torch.cat(areas)
-        total = batch * start
-        min_area = torch.full((total,), math.inf, device=device).scatter_reduce(0, key, cand_area, "amin")
-        best = cand_area == min_area[key]
-        fill = torch.full((total,), num_boxes, dtype=torch.int64, device=device)
-        idx = fill.scatter_reduce(0, key[best], box_id[best], "amin")
+        min_area = torch.full((total + 1,), math.inf, device=device).scatter_reduce(0, key, cand_area, "amin")
+        best_key = torch.where(cand_area == min_area[key], key, total)
+        fill = torch.full((total + 1,), num_boxes, dtype=torch.int64, device=device)
+        idx = fill.scatter_reduce(0, best_key, box_id, "amin")[:total]
         return torch.where(idx < num_boxes, idx, -1).view(batch, start)
+
+    def _grid_axes(self, pts: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+        """The x and y coordinates ``[W]``, ``[H]`` of a level grid, checked once per points tensor (the
+        cached grids of :func:`make_points` recur every step, and the check reads values back to the host)."""
+        key = id(pts)
+        ref, *axes = self._grids.get(key, (None,))
+        if ref is None or ref() is not pts:
+            width = int((pts[:, 1] == pts[0, 1]).sum())
+            height = pts.shape[0] // width
+            xs, ys = pts[:width, 0].contiguous(), pts[::width, 1].contiguous()
+            increasing = bool((xs.diff() > 0).all() and (ys.diff() > 0).all())  # searchsorted needs sorted axes
+            if (
+                not increasing
+                or width * height != pts.shape[0]
+                or not torch.equal(pts, torch.stack((xs.repeat(height), ys.repeat_interleave(width)), dim=1))
+            ):
+                raise ValueError(
+                    f"points of stride {stride} are not a full row-major grid with increasing x and y (use make_points)"
+                )
+            forget = weakref.ref(pts, lambda _, key=key, grids=self._grids: grids.pop(key, None))
+            self._grids[key] = (forget, xs, ys)
+            axes = [xs, ys]
+        return axes[0], axes[1]
 
     def _assign_chunk(
         self, points: Tensor, strides: Tensor, ranges: Tensor, boxes: Tensor, valid: Tensor

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import pytest
@@ -335,3 +336,19 @@ def test_points_must_be_full_grids():
     boxes, labels = [torch.tensor([[10.0, 10.0, 60.0, 50.0]])], [torch.tensor([1])]
     with pytest.raises(ValueError, match="stride 8 are not a full row-major grid"):
         TargetAssigner(STRIDES, SIZES)(points, boxes, labels, NUM_CLASSES)
+
+
+def test_grid_check_is_per_points_tensor_and_survives_pickling():
+    """The grid check runs once per points tensor (cached by identity): a different tensor of the same shape
+    that is not a grid is still refused, and the assigner pickles (DDP spawn) with its cache dropped."""
+    assigner = TargetAssigner(STRIDES, SIZES)
+    points = make_points([(128 // s, 128 // s) for s in STRIDES], STRIDES, 0.5, "cpu")
+    boxes, labels = [torch.tensor([[10.0, 10.0, 60.0, 50.0]])], [torch.tensor([1])]
+    first = assigner(points, boxes, labels, NUM_CLASSES)
+    assert torch.equal(assigner(points, boxes, labels, NUM_CLASSES).matched_idx, first.matched_idx)
+    shuffled = list(points)
+    shuffled[0] = points[0].flip(0)  # same shape and values, decreasing x and y
+    with pytest.raises(ValueError, match="stride 8 are not a full row-major grid"):
+        assigner(shuffled, boxes, labels, NUM_CLASSES)
+    restored = pickle.loads(pickle.dumps(assigner))
+    assert torch.equal(restored(points, boxes, labels, NUM_CLASSES).matched_idx, first.matched_idx)
