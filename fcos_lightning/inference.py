@@ -23,9 +23,14 @@ from fcos_lightning.precision import resolve_precision
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype ``precision``'s autocast computes convolutions in (None for full-precision settings)."""
+    return AUTOCAST_DTYPES.get(precision)
+
+
 def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
     """The autocast context Lightning uses for ``precision`` (a null context for full-precision settings)."""
-    dtype = AUTOCAST_DTYPES.get(precision)
+    dtype = autocast_dtype(precision)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
@@ -74,15 +79,25 @@ def fold_batch_norms(module: nn.Module) -> int:
     return folded
 
 
-def optimize_for_inference(model: FCOS, channels_last: bool = True, fold_bn: bool = True) -> FCOS:
+def optimize_for_inference(
+    model: FCOS, channels_last: bool = True, fold_bn: bool = True, weight_dtype: torch.dtype | None = None
+) -> FCOS:
     """Put ``model`` in eval mode, fold its batch norms (``fold_bn``) and use channels-last memory
-    (``channels_last``: faster convolutions with oneDNN on CPU and with cuDNN on GPUs), in place."""
+    (``channels_last``: faster convolutions with oneDNN on CPU and with cuDNN on GPUs), in place.
+
+    ``weight_dtype`` (the autocast dtype, :func:`autocast_dtype`) stores the convolution weights in it once:
+    autocast would otherwise cast every weight again at every call (2% of a CPU forward), with the same
+    result. Such a model then runs only under that autocast."""
     model.eval()
     if fold_bn:
         fold_batch_norms(model)
     if channels_last:
         model.channels_last = True
         model.to(memory_format=torch.channels_last)
+    if weight_dtype is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                module.to(weight_dtype)
     return model
 
 
@@ -119,6 +134,13 @@ class Predictor:
         device = next(model.parameters()).device
         self.device = device
         self.precision = resolve_precision(precision, "cpu" if device.type == "cpu" else "gpu")
+        stray = {m.weight.dtype for m in model.modules() if isinstance(m, nn.Conv2d)}
+        stray -= {torch.float32, autocast_dtype(self.precision)}
+        if stray:
+            raise ValueError(
+                f"the model's convolution weights are {sorted(map(str, stray))} but precision {self.precision!r} "
+                "computes in another dtype; pass the same precision to optimize_for_inference(weight_dtype=...)"
+            )
         self.network = torch.compile(model, dynamic=False) if compile else model
 
     def pad(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

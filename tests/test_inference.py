@@ -94,8 +94,8 @@ def test_predictor_pads_and_matches_the_batched_input():
 
 def test_bf16_finds_the_same_top_detections_as_fp32(trained):
     model, images, boxes, labels = trained
-    fast = optimize_for_inference(copy.deepcopy(model))
-    fp32 = Predictor(fast, precision="32-true")(images)
+    fp32 = Predictor(optimize_for_inference(copy.deepcopy(model)), precision="32-true")(images)
+    fast = optimize_for_inference(copy.deepcopy(model), weight_dtype=torch.bfloat16)  # what evaluate.py runs
     bf16 = Predictor(fast, precision="bf16-mixed")(images)
     for ref, low, gt_boxes, gt_labels in zip(fp32, bf16, boxes, labels, strict=True):
         confident = ref["scores"] > 0.5
@@ -109,3 +109,20 @@ def test_bf16_finds_the_same_top_detections_as_fp32(trained):
         best = iou.max(dim=1)
         assert (best.values >= 0.9).all(), best.values
         torch.testing.assert_close(low["scores"][best.indices], top["scores"], rtol=0, atol=0.05)
+
+
+def test_weights_stored_in_the_autocast_dtype_give_identical_outputs():
+    """Casting conv weights once equals autocast casting them at every call, bit for bit; a model so cast
+    is refused by a full-precision Predictor instead of failing inside a convolution."""
+    model = optimize_for_inference(tiny_fcos())
+    cast = optimize_for_inference(copy.deepcopy(model), weight_dtype=torch.bfloat16)
+    assert cast.backbone.body.conv1.weight.dtype == torch.bfloat16
+    images = [torch.randint(0, 256, (3, 96, 120), dtype=torch.uint8) for _ in range(2)]
+    batch, sizes = pad_images(images, 32, "cpu")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model(batch, sizes), cast(batch, sizes)
+    for a, b in zip(expected, got, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="precision '32-true'"):
+        Predictor(cast, precision="32-true")
