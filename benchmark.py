@@ -12,16 +12,19 @@ Both detectors run the same weights: torchvision's randomly initialised model, c
   ``precision=auto`` default, torchvision fp32).
 - target assignment for 10, 100, 1000 boxes on one 800x1333 image: time and peak-RSS growth
   (``benchmarks/assign_targets.py``, one subprocess per measurement of memory).
-- data loading per worker on generated 640x480 JPEGs: ours = decode + multi-scale resize + flip + sanitize +
-  collate; torchvision's reference recipe = PIL decode + hflip + PILToTensor + to float (it resizes inside
-  the model, so its figure leaves the resize out).
+- data loading per worker on generated 640x480 JPEGs through the multi-scale pipeline (shortest side 640-800,
+  max 1333, flip): ours = decode + resize + flip + sanitize + collate into a padded uint8 batch; torchvision's
+  reference recipe (``DetectionPresetTrain("multiscale")``, PIL backend) = PIL decode + resize + flip + to float.
 - COCO evaluation of a generated result set: pycocotools on both sides (ours adds per-class AP).
 
 Timings: warm-up first, then the implementations alternate run by run and the table shows medians, so a
-busy machine slows both alike. ``--quick`` is a short smoke run (one repeat; batch 8, R50 training and the
+busy machine slows both alike. A first row measures the peak throughput of a 3x3 convolution in our precision
+and in fp32; each inference model then gets the GFLOP/s both sides achieve and the ceiling: the ratio ours would
+reach if all its FLOPs ran at that peak. ``--device cuda`` runs the model sections on a GPU (with the issue's
+H100 targets). ``--quick`` is a short smoke run (one repeat; batch 8, R50 training and the
 variants left out). Results go to ``bench_results/speed.json``. Not a test: numbers depend on the machine.
 
-    python benchmark.py [--quick] [--repeats N] [--output bench_results/speed.json]
+    python benchmark.py [--quick] [--repeats N] [--device cpu|cuda] [--output bench_results/speed.json]
 """
 
 from __future__ import annotations
@@ -48,17 +51,35 @@ from torch import nn
 from benchmarks import assign_targets
 from fcos_lightning.convert import TORCHVISION_GEOMETRY, torchvision_to_fcos
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
-from fcos_lightning.inference import Predictor, autocast, optimize_for_inference, pad_images
+from fcos_lightning.inference import Predictor, autocast, autocast_dtype, optimize_for_inference, pad_images
 from fcos_lightning.lit_module import FCOSLitModule
 from fcos_lightning.modeling.backbones import TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import FCOSHead
 from fcos_lightning.precision import resolve_precision
 
-TARGETS = {"inference": 3.0, "training": 2.0}
+TARGETS = {"inference": 3.0, "training": 2.0}  # ratios against torchvision fp32 (issue 5)
+# GPU (H100) minimums for ours: (section, model, batch) -> images/s. R-50 batch 1 <= 14 ms per image.
+ABSOLUTE_TARGETS = {
+    ("inference", "R50-FPN", 1): 1000 / 14,
+    ("inference", "R50-FPN", 8): 600.0,
+    ("inference", "DLA34-RT", 1): 250.0,
+    ("training", "R50-FPN"): 150.0,  # with AMP, at --train-batch
+}
 
 
-def interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, dict]:
+CPU = torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures it (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device = CPU
+) -> dict[str, dict]:
     """Median seconds per call of each function; calls alternate so load changes hit all of them alike."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -66,8 +87,10 @@ def interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            synchronize(device)
             start = time.perf_counter()
             fn()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
 
@@ -170,22 +193,64 @@ def random_targets(n: int, size: tuple[int, int], num_classes: int, boxes: int =
 # ---- sections ----------------------------------------------------------------------------------------------
 
 
+def accelerator(device: torch.device) -> str:
+    return "cpu" if device.type == "cpu" else "gpu"
+
+
+def network_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations (2 per multiply-add) of the convolutions and matmuls ``fn`` runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_conv_peak(device: torch.device, warmup: int, repeats: int) -> list[dict]:
+    """The machine's best throughput on the head's dominant layer (3x3 conv, 256 channels, at P3 of an
+    800x1333 image, channels-last), in our precision (weights stored in it, as ours runs) and in fp32: the
+    ceiling for both detectors, whose time is mostly such convolutions. Fastest of the runs, not the median."""
+    precision = resolve_precision("auto", accelerator(device))
+    conv = nn.Conv2d(256, 256, 3, padding=1).to(device, memory_format=torch.channels_last).eval()
+    low = copy.deepcopy(conv).to(autocast_dtype(precision) or torch.float32)
+    x = torch.randn(1, 256, 100, 168, device=device).to(memory_format=torch.channels_last)
+    flops = 2 * 256 * 256 * 9 * 100 * 168
+
+    def run(layer: nn.Module, layer_precision: str) -> None:
+        with torch.no_grad(), autocast(layer_precision, device):
+            layer(x)
+
+    fns = {"ours": functools.partial(run, low, precision), "torchvision": functools.partial(run, conv, "32-true")}
+    t = interleaved(fns, warmup, repeats, device)
+    gflops = {k: flops / min(v["times_s"]) / 1e9 for k, v in t.items()}
+    label = f"peak 3x3 conv 256ch ({precision} | fp32)"
+    return [row(label, "GFLOP/s", gflops["ours"], gflops["torchvision"], True, None, t)]
+
+
 def bench_inference(
-    name: str, batches: list[int], warmup: int, repeats: int, variants: bool, compiled: bool
+    name: str,
+    batches: list[int],
+    warmup: int,
+    repeats: int,
+    variants: bool,
+    compiled: bool,
+    device: torch.device,
+    peak: float | None,
 ) -> list[dict]:
     make_pair, size, post_kwargs = MODELS[name]
     tv, model = make_pair(train=False)
-    tv.eval()
-    precision = resolve_precision("auto", "cpu")
-    baseline = copy.deepcopy(model).eval()
-    ours = Predictor(optimize_for_inference(model), FCOSPostProcessor(**post_kwargs), precision)
+    tv.eval().to(device)
+    precision = resolve_precision("auto", accelerator(device))
+    baseline = copy.deepcopy(model).eval().to(device)
+    fast = optimize_for_inference(model.to(device), weight_dtype=autocast_dtype(precision))
+    ours = Predictor(fast, FCOSPostProcessor(**post_kwargs), precision)
     rows = []
     for batch in batches:
-        imgs = images(batch, size)
+        imgs = images(batch, size)  # uint8 in host memory: end to end includes the transfer
 
         def run_tv(imgs=imgs):
             with torch.no_grad():
-                return tv([im.float() / 255 for im in imgs])
+                return tv([im.to(device, non_blocking=True).float() / 255 for im in imgs])
 
         fns = {"ours": lambda imgs=imgs: ours(imgs), "torchvision": run_tv}
         if variants and batch == 1:
@@ -196,26 +261,39 @@ def bench_inference(
             fns[f"ours {precision}, no BN folding/channels-last"] = functools.partial(plain, imgs)
             fns["ours fp32"] = functools.partial(fp32, imgs)
         if compiled and batch == 1:
-            net = optimize_for_inference(copy.deepcopy(baseline))
+            net = optimize_for_inference(copy.deepcopy(baseline), weight_dtype=autocast_dtype(precision))
             fns["ours torch.compile"] = functools.partial(
                 Predictor(net, FCOSPostProcessor(**post_kwargs), compile=True), imgs
             )
-        t = interleaved(fns, warmup, repeats)
-        rows.append(row(f"inference {name} batch {batch}", "images/s", batch / t["ours"]["median_s"],
-                        batch / t["torchvision"]["median_s"], True, "inference", t))  # fmt: skip
+        t = interleaved(fns, warmup, repeats, device)
+        label = f"inference {name} batch {batch}"
+        absolute = ABSOLUTE_TARGETS.get(("inference", name.split()[0], batch)) if device.type == "cuda" else None
+        rows.append(row(label, "images/s", batch / t["ours"]["median_s"], batch / t["torchvision"]["median_s"],
+                        True, "inference", t, absolute))  # fmt: skip
         for k in fns:
             if k.startswith("ours "):
                 rows.append(row(f"  variant: {k}", "images/s", batch / t[k]["median_s"], None, True, None, {}))
+        if peak and batch == 1:
+            flops = {"ours": network_flops(fns["ours"]), "torchvision": network_flops(run_tv)}
+            achieved = {k: flops[k] / t[k]["median_s"] / 1e9 for k in flops}
+            rows.append(row(f"  achieved, {flops['ours'] / 1e9:.0f} GFLOP per image", "GFLOP/s", achieved["ours"],
+                            achieved["torchvision"], True, None, {}))  # fmt: skip
+            ceiling = t["torchvision"]["median_s"] / (flops["ours"] / 1e9 / peak)
+            rows.append(row("  ceiling: ratio if all of it ran at the peak", "x", ceiling, None, True, None, {}))
     return rows
 
 
-def bench_training(name: str, warmup: int, repeats: int, variants: bool, batch: int = 2) -> list[dict]:
+def bench_training(
+    name: str, warmup: int, repeats: int, variants: bool, device: torch.device, batch: int = 2
+) -> list[dict]:
     make_pair, size, _ = MODELS[name]
     tv, model = make_pair(train=True)
+    tv.to(device)
+    model.to(device)
     num_classes = model.num_classes
-    precision = resolve_precision("auto", "cpu")
-    imgs = images(batch, size)
-    targets = random_targets(batch, size, num_classes)
+    precision = resolve_precision("auto", accelerator(device))
+    imgs = [im.to(device) for im in images(batch, size)]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in random_targets(batch, size, num_classes)]
     cats = {"cat_ids": list(range(1, num_classes + 1)), "names": [f"c{i}" for i in range(num_classes)]}
 
     def ours_step(channels_last: bool) -> Callable[[], None]:
@@ -224,15 +302,17 @@ def bench_training(name: str, warmup: int, repeats: int, variants: bool, batch: 
         net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         module = FCOSLitModule(net, cats).train()
         optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-        batch_images, sizes = pad_images(imgs, max(net.backbone.strides), "cpu")
+        batch_images, sizes = pad_images(imgs, max(net.backbone.strides), device)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
 
         def step() -> None:
-            with autocast(precision, "cpu"):
+            with autocast(precision, device):
                 outputs = module(batch_images, sizes)
                 loss = module.compute_loss(outputs, module.points(outputs), targets)["loss"]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
         return step
 
@@ -249,7 +329,8 @@ def bench_training(name: str, warmup: int, repeats: int, variants: bool, batch: 
     fns = {"ours": ours_step(default_cl), "torchvision": tv_step}
     if variants:
         fns[f"ours channels_last={not default_cl}"] = ours_step(not default_cl)
-    t = interleaved(fns, warmup, repeats)
+    t = interleaved(fns, warmup, repeats, device)
+    absolute = ABSOLUTE_TARGETS.get(("training", name.split()[0])) if device.type == "cuda" else None
     rows = [
         row(
             f"training {name} batch {batch}",
@@ -259,6 +340,7 @@ def bench_training(name: str, warmup: int, repeats: int, variants: bool, batch: 
             True,
             "training",
             t,
+            absolute,
         )  # fmt: skip
     ]
     for k in fns:
@@ -304,10 +386,12 @@ def write_jpeg_dataset(root: Path, n: int, size: tuple[int, int] = (480, 640)) -
 
 
 class ReferenceDataset(torch.utils.data.Dataset):
-    """torchvision's detection reference loading (``CocoDetection`` + ``DetectionPresetTrain("hflip")``): PIL
-    decode, random horizontal flip, PILToTensor, to float in [0, 1]; resizing happens later, in the model."""
+    """torchvision's detection reference loading (``CocoDetection`` + ``DetectionPresetTrain("multiscale")``,
+    v2 transforms, PIL backend): PIL decode, random shortest side from ``sizes`` (max 1333), random horizontal
+    flip, PILToTensor, to float in [0, 1], sanitize boxes. The same work as ours (which keeps uint8 and
+    collates into a padded batch) except the normalization, which both do later, on the device."""
 
-    def __init__(self, ann_file: Path, img_dir: Path) -> None:
+    def __init__(self, ann_file: Path, img_dir: Path, sizes: tuple[int, ...]) -> None:
         from torchvision import tv_tensors
         from torchvision.transforms import v2
 
@@ -319,7 +403,13 @@ class ReferenceDataset(torch.utils.data.Dataset):
             x, y, w, h = a["bbox"]
             self.boxes.setdefault(a["image_id"], []).append([x, y, x + w, y + h])
         self.img_dir = Path(img_dir)
-        steps = [v2.RandomHorizontalFlip(0.5), v2.PILToTensor(), v2.ToDtype(torch.float, scale=True)]
+        steps = [
+            v2.RandomShortestSize(min_size=list(sizes), max_size=1333),
+            v2.RandomHorizontalFlip(0.5),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float, scale=True),
+            v2.SanitizeBoundingBoxes(labels_getter=None),
+        ]
         self.transforms = v2.Compose(steps)
 
     def __len__(self) -> int:
@@ -345,7 +435,7 @@ def bench_data(num_images: int, repeats: int) -> list[dict]:
         ann_file, img_dir = write_jpeg_dataset(Path(tmp), num_images)
         train_sizes = (640, 672, 704, 736, 768, 800)  # AdelaiDet's multi-scale training (MS_R_50_2x)
         ours = CocoDetection(str(ann_file), str(img_dir), build_train_transforms(train_sizes, 1333), train=True)
-        reference = ReferenceDataset(ann_file, img_dir)
+        reference = ReferenceDataset(ann_file, img_dir, train_sizes)
         loaders = {
             "ours": DataLoader(ours, batch_size=2, num_workers=0, collate_fn=Collator(32)),
             "torchvision": DataLoader(reference, batch_size=2, num_workers=0, collate_fn=lambda b: tuple(zip(*b))),
@@ -423,12 +513,23 @@ def bench_coco_eval(num_images: int, repeats: int) -> list[dict]:
 # ---- report ------------------------------------------------------------------------------------------------
 
 
-def row(what: str, unit: str, ours: float, tv: float | None, higher_better: bool, target_kind, timing) -> dict:
+def row(
+    what: str,
+    unit: str,
+    ours: float,
+    tv: float | None,
+    higher_better: bool,
+    target_kind,
+    timing,
+    absolute: float | None = None,
+) -> dict:
+    """One table line; ``target_kind`` names a ratio target (``TARGETS``), ``absolute`` a minimum of ``ours``."""
     speedup = None
     if tv is not None and min(ours, tv) > 0:
         speedup = ours / tv if higher_better else tv / ours
     target = TARGETS.get(target_kind)
     out = {"what": what, "unit": unit, "ours": ours, "torchvision": tv, "speedup": speedup, "target": target}
+    out["absolute_target"] = absolute
     out["timing"] = dict(timing)
     print(format_row(out), flush=True)
     return out
@@ -442,6 +543,9 @@ def format_row(r: dict) -> str:
         if r["target"] is None
         else f"target {r['target']:.0f}x: {'met' if r['speedup'] >= r['target'] else 'MISSED'}"
     )
+    if r.get("absolute_target"):
+        met = "met" if r["ours"] >= r["absolute_target"] else "MISSED"
+        target += f"; target {r['absolute_target']:.4g} {r['unit']}: {met}"
     return f"{r['what']:<52} {r['unit']:>8} {r['ours']:10.3g} {tv:>10} {speedup:>8}  {target}"
 
 
@@ -461,7 +565,7 @@ def machine() -> dict:
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
-        "our_precision": resolve_precision("auto", "cpu"),
+        "our_precision_cpu": resolve_precision("auto", "cpu"),
     }
 
 
@@ -472,7 +576,10 @@ def main() -> None:
     parser.add_argument("--sections", nargs="*", default=["inference", "training", "assign", "data", "eval"])
     parser.add_argument("--compile", action="store_true", help="add a torch.compile variant (compiles for minutes)")
     parser.add_argument("--output", default="bench_results/speed.json")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (assignment, data and eval stay on CPU)")
+    parser.add_argument("--train-batch", type=int, default=2, help="images per training step (default 2)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     repeats = args.repeats or (1 if args.quick else 5)
     warmup = 1
     info = machine()
@@ -481,12 +588,16 @@ def main() -> None:
     rows: list[dict] = []
     sections = set(args.sections)
     models = list(MODELS) if not args.quick else ["DLA34-RT 512x683"]
+    peak = None
     if "inference" in sections:
+        rows += bench_conv_peak(device, warmup, max(repeats, 10))
+        peak = rows[-1]["ours"]
         for name in MODELS:
-            rows += bench_inference(name, [1] if args.quick else [1, 8], warmup, repeats, not args.quick, args.compile)
+            batches = [1] if args.quick else [1, 8]
+            rows += bench_inference(name, batches, warmup, repeats, not args.quick, args.compile, device, peak)
     if "training" in sections:
         for name in models:
-            rows += bench_training(name, warmup, repeats, not args.quick)
+            rows += bench_training(name, warmup, repeats, not args.quick, device, args.train_batch)
     if "assign" in sections:
         rows += bench_assignment(max(repeats, 3))
     if "data" in sections:
@@ -494,8 +605,10 @@ def main() -> None:
     if "eval" in sections:
         rows += bench_coco_eval(50 if args.quick else 500, repeats)
 
-    print("\nratio = how many times faster (or smaller) ours is. No GPU figures: none measured here.")
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, ours in {info['our_precision']}")
+    print("\nratio = how many times faster (or smaller) ours is. ceiling = the ratio ours would reach if every FLOP")
+    print("ran at the measured peak conv throughput of our precision: no implementation of the same FLOPs beats it.")
+    gpu = f", {info['cuda']}" if device.type == "cuda" else ""
+    print(f"machine: {info['cpu']}, {info['cores']} cores{gpu}, torch {info['torch']}, device {device}")
     for r in rows:
         print(format_row(r))
     path = Path(args.output)
