@@ -9,7 +9,7 @@ Both detectors run the same weights: torchvision's randomly initialised model, c
   :func:`~fcos_lightning.inference.optimize_for_inference`. torchvision: ``model([image / 255])`` in fp32
   (its transform: normalize, resize, batch; then network and post-processing).
 - training, batch 2, same models and sizes: forward, loss, backward, SGD step (ours under the Lightning
-  ``precision=auto`` default, torchvision fp32).
+  ``precision=auto`` default and the preset's memory format, torchvision fp32).
 - target assignment for 10, 100, 1000 boxes on one 800x1333 image: time and peak-RSS growth
   (``benchmarks/assign_targets.py``, one subprocess per measurement of memory).
 - data loading per worker on generated 640x480 JPEGs through the multi-scale pipeline (shortest side 640-800,
@@ -109,6 +109,13 @@ def load_converted(ours: FCOS, tv_model: nn.Module) -> None:
         raise RuntimeError(f"weights do not match: missing {missing}, unexpected {set(converted) - set(own)}")
 
 
+def preset_channels_last(model: str) -> bool:
+    """Whether the ``model=<model>`` preset trains channels-last (``conf/model/<model>.yaml``)."""
+    from omegaconf import OmegaConf
+
+    return bool(OmegaConf.load(Path(__file__).parent / "conf" / "model" / f"{model}.yaml").channels_last)
+
+
 def resnet50_pair(train: bool) -> tuple[nn.Module, FCOS]:
     """torchvision ``fcos_resnet50_fpn`` and ours (torchvision's geometry: same detections).
 
@@ -130,7 +137,8 @@ def resnet50_pair(train: bool) -> tuple[nn.Module, FCOS]:
         tv = fcos_resnet50_fpn(weights=None, weights_backbone=None)
     backbone = TimmBackbone("resnet50", out_indices=(2, 3, 4), norm="frozen_bn", freeze_at=2)
     head = functools.partial(FCOSHead, norm="GN", use_scale=False)
-    ours = FCOS(backbone, head, 91, top_levels=2, point_offset=TORCHVISION_GEOMETRY.point_offset, channels_last=True)
+    cl = preset_channels_last("r50")
+    ours = FCOS(backbone, head, 91, top_levels=2, point_offset=TORCHVISION_GEOMETRY.point_offset, channels_last=cl)
     load_converted(ours, tv)
     return tv, ours
 
@@ -163,7 +171,8 @@ def dla34_pair(train: bool) -> tuple[nn.Module, FCOS]:
     tv = TVFCOS(TimmFPN(), num_classes=80, min_size=512, max_size=736, anchor_generator=anchors)
     backbone = TimmBackbone("dla34", out_indices=(3, 4, 5), norm="syncbn", freeze_at=-1)
     head = functools.partial(FCOSHead, norm="GN")
-    ours = FCOS(backbone, head, num_classes=80, top_levels=0, sizes_of_interest=(64, 128))  # channels_last off
+    cl = preset_channels_last("dla34_rt")
+    ours = FCOS(backbone, head, num_classes=80, top_levels=0, sizes_of_interest=(64, 128), channels_last=cl)
     load_converted(ours, tv)
     return tv, ours
 
