@@ -80,14 +80,21 @@ def fold_batch_norms(module: nn.Module) -> int:
 
 
 def optimize_for_inference(
-    model: FCOS, channels_last: bool = True, fold_bn: bool = True, weight_dtype: torch.dtype | None = None
+    model: FCOS,
+    channels_last: bool = True,
+    fold_bn: bool = True,
+    weight_dtype: torch.dtype | None = None,
+    cpu_micro_batch: int | None = 1,
 ) -> FCOS:
     """Put ``model`` in eval mode, fold its batch norms (``fold_bn``) and use channels-last memory
     (``channels_last``: faster convolutions with oneDNN on CPU and with cuDNN on GPUs), in place.
 
     ``weight_dtype`` (the autocast dtype, :func:`autocast_dtype`) stores the convolution weights in it once:
     autocast would otherwise cast every weight again at every call (2% of a CPU forward), with the same
-    result. Such a model then runs only under that autocast."""
+    result. Such a model then runs only under that autocast. ``cpu_micro_batch`` sets
+    :attr:`FCOS.cpu_micro_batch`: on CPUs the network runs image by image by default (ResNet-50 at 800x1333:
+    8 images 1.18x faster one by one than as one batch, whose activations do not fit in cache)."""
+    model.cpu_micro_batch = cpu_micro_batch
     model.eval()
     if fold_bn:
         fold_batch_norms(model)

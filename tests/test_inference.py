@@ -28,7 +28,7 @@ def tiny_fcos(norm: str = "bn") -> FCOS:
     narrow = {"channels": [16, 32, 64, 128], "stem_width": 16}
     backbone = TimmBackbone("resnet18", out_indices=(2, 3, 4), norm=norm, freeze_at=0, model_kwargs=narrow)
     head = functools.partial(FCOSHead, norm="GN", num_cls_convs=2, num_box_convs=2)
-    return FCOS(backbone, head, NUM_CLASSES, fpn_channels=32, top_levels=2)
+    return FCOS(backbone, head, NUM_CLASSES, fpn_channels=64, top_levels=2)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,7 @@ def test_predictor_pads_and_matches_the_batched_input():
     assert batch.shape == (2, 3, 128, 160) and sizes.tolist() == [[100, 130], [64, 70]]
     assert torch.equal(batch[1, :, :64, :70], images[1]) and batch[1, :, 64:].eq(0).all()
     assert model.channels_last and model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.cpu_micro_batch == 1  # CPU: the network runs image by image, post-processing on the whole batch
     from_list = predictor(images)
     from_batch = predictor(batch, sizes)
     for a, b in zip(from_list, from_batch, strict=True):

@@ -31,6 +31,10 @@ class FCOS(nn.Module):
         pixel_mean, pixel_std: RGB normalization of 0-255 inputs, kept as buffers so checkpoints carry the
             input convention (ImageNet statistics by default).
         channels_last: run the network in channels-last memory format (faster convolutions on CPU and GPU).
+        cpu_micro_batch: in eval mode on CPU inputs, run the backbone, FPN and head on this many images at a
+            time and concatenate the outputs (identical per image: nothing mixes images), so the working set
+            stays in cache (:func:`~fcos_lightning.inference.optimize_for_inference` sets 1). None runs the
+            whole batch at once, as training and GPUs always do.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class FCOS(nn.Module):
         pixel_mean: Sequence[float] = IMAGENET_MEAN_255,
         pixel_std: Sequence[float] = IMAGENET_STD_255,
         channels_last: bool = False,
+        cpu_micro_batch: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -61,6 +66,7 @@ class FCOS(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1))
         self.channels_last = channels_last
+        self.cpu_micro_batch = cpu_micro_batch
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -93,4 +99,10 @@ class FCOS(nn.Module):
         return self.head(self.fpn(self.backbone(x)))
 
     def forward(self, images: Tensor, image_sizes: Tensor | None = None) -> HeadOutputs:
-        return self.forward_features(self.normalize(images, image_sizes))
+        step = self.cpu_micro_batch
+        if self.training or not step or images.shape[0] <= step or images.device.type != "cpu":
+            return self.forward_features(self.normalize(images, image_sizes))
+        sizes = image_sizes.split(step) if image_sizes is not None else [None] * -(-images.shape[0] // step)
+        parts = [self.forward_features(self.normalize(x, s)) for x, s in zip(images.split(step), sizes, strict=True)]
+        # parts[chunk].field[level] -> field[level], the chunks concatenated along the batch.
+        return HeadOutputs(*([torch.cat(level) for level in zip(*field)] for field in zip(*parts)))
