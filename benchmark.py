@@ -50,8 +50,9 @@ from torch import nn
 
 from benchmarks import assign_targets
 from fcos_lightning.convert import TORCHVISION_GEOMETRY, torchvision_to_fcos
+from fcos_lightning.data.collate import pad_images
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
-from fcos_lightning.inference import Predictor, autocast, autocast_dtype, optimize_for_inference, pad_images
+from fcos_lightning.inference import Predictor, autocast, autocast_dtype, optimize_for_inference
 from fcos_lightning.lit_module import FCOSLitModule
 from fcos_lightning.modeling.backbones import TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
@@ -251,7 +252,7 @@ def bench_inference(
     tv.eval().to(device)
     precision = resolve_precision("auto", accelerator(device))
     baseline = copy.deepcopy(model).eval().to(device)
-    fast = optimize_for_inference(model.to(device), weight_dtype=autocast_dtype(precision))
+    fast = optimize_for_inference(model.to(device), precision=precision)
     ours = Predictor(fast, FCOSPostProcessor(**post_kwargs), precision)
     rows = []
     for batch in batches:
@@ -270,7 +271,7 @@ def bench_inference(
             fns[f"ours {precision}, no BN folding/channels-last"] = functools.partial(plain, imgs)
             fns["ours fp32"] = functools.partial(fp32, imgs)
         if compiled and batch == 1:
-            net = optimize_for_inference(copy.deepcopy(baseline), weight_dtype=autocast_dtype(precision))
+            net = optimize_for_inference(copy.deepcopy(baseline), precision=precision)
             fns["ours torch.compile"] = functools.partial(
                 Predictor(net, FCOSPostProcessor(**post_kwargs), compile=True), imgs
             )

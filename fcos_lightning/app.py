@@ -28,7 +28,7 @@ from fcos_lightning.data.demo import make_demo_dataset
 from fcos_lightning.data.validate import FPNGeometry, ValidationReport, validate_split
 from fcos_lightning.distributed import check_world_size, run_multirun_job_with_ddp
 from fcos_lightning.evaluation import METRIC_NAMES, format_table
-from fcos_lightning.inference import autocast_dtype, optimize_for_inference
+from fcos_lightning.inference import optimize_for_inference
 from fcos_lightning.init_from import init_from_checkpoint
 from fcos_lightning.lit_module import FCOSLitModule
 from fcos_lightning.precision import resolve_precision
@@ -245,7 +245,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     module.model.load_state_dict(model_state(ckpt))
     precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     # The fast inference path: BN folded into convs, channels-last, conv weights stored in the autocast dtype.
-    optimize_for_inference(module.model, weight_dtype=autocast_dtype(precision))
+    optimize_for_inference(module.model, precision=precision, cpu_micro_batch=cfg.cpu_micro_batch)
     trainer: pl.Trainer = instantiate(cfg.trainer, precision=precision, logger=False, default_root_dir=str(output_dir))
     start = time.perf_counter()
     trainer.validate(module, datamodule=datamodule)

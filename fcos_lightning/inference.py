@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from fcos_lightning.data.collate import pad_images
 from fcos_lightning.fcos.points import make_points
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.modeling.detector import FCOS
@@ -83,15 +84,16 @@ def optimize_for_inference(
     model: FCOS,
     channels_last: bool = True,
     fold_bn: bool = True,
-    weight_dtype: torch.dtype | None = None,
+    precision: str | None = None,
     cpu_micro_batch: int | None = 1,
 ) -> FCOS:
     """Put ``model`` in eval mode, fold its batch norms (``fold_bn``) and use channels-last memory
     (``channels_last``: faster convolutions with oneDNN on CPU and with cuDNN on GPUs), in place.
 
-    ``weight_dtype`` (the autocast dtype, :func:`autocast_dtype`) stores the convolution weights in it once:
-    autocast would otherwise cast every weight again at every call (2% of a CPU forward), with the same
-    result. Such a model then runs only under that autocast. ``cpu_micro_batch`` sets
+    ``precision``: the (resolved) Lightning precision the model will run under. A mixed one stores the
+    convolution weights in its autocast dtype once: autocast would otherwise cast every weight again at every
+    call (2% of a CPU forward), with the same result. Such a model then runs only under that precision (the
+    :class:`Predictor` checks). ``cpu_micro_batch`` sets
     :attr:`FCOS.cpu_micro_batch`: on CPUs the network runs image by image by default (ResNet-50 at 800x1333:
     8 images 1.18x faster one by one than as one batch, whose activations do not fit in cache)."""
     model.cpu_micro_batch = cpu_micro_batch
@@ -101,22 +103,12 @@ def optimize_for_inference(
     if channels_last:
         model.channels_last = True
         model.to(memory_format=torch.channels_last)
+    weight_dtype = autocast_dtype(precision) if precision else None
     if weight_dtype is not None:
         for module in model.modules():
             if isinstance(module, nn.Conv2d):
                 module.to(weight_dtype)
     return model
-
-
-def pad_images(images: Sequence[Tensor], divisor: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """``[3, H, W]`` uint8 images zero-padded bottom/right into a ``[B, 3, H', W']`` batch divisible by ``divisor``
-    (the backbone's coarsest stride, as the data pipeline pads), and their ``[B, 2]`` (h, w) sizes."""
-    sizes = torch.tensor([img.shape[-2:] for img in images], dtype=torch.int64)
-    h, w = (-(-int(s) // divisor) * divisor for s in sizes.max(dim=0).values)
-    batch = torch.zeros((len(images), 3, h, w), dtype=torch.uint8, device=device)
-    for i, img in enumerate(images):
-        batch[i, :, : img.shape[-2], : img.shape[-1]].copy_(img, non_blocking=True)
-    return batch, sizes.to(device)
 
 
 class Predictor:
@@ -146,7 +138,7 @@ class Predictor:
         if stray:
             raise ValueError(
                 f"the model's convolution weights are {sorted(map(str, stray))} but precision {self.precision!r} "
-                "computes in another dtype; pass the same precision to optimize_for_inference(weight_dtype=...)"
+                "computes in another dtype; pass the same precision to optimize_for_inference(precision=...)"
             )
         self.network = torch.compile(model, dynamic=False) if compile else model
 

@@ -21,7 +21,7 @@ from fcos_lightning.convert.checkpoint import load_model
 from fcos_lightning.data.coco import CategoryMap, read_image
 from fcos_lightning.data.decode import quiet_tv_io
 from fcos_lightning.data.transforms import ResizeShortestEdge
-from fcos_lightning.inference import Predictor, autocast_dtype, optimize_for_inference
+from fcos_lightning.inference import Predictor, optimize_for_inference
 from fcos_lightning.precision import resolve_precision
 from fcos_lightning.visualize import draw_detections
 
@@ -79,7 +79,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     model, category_map, run_cfg = load_model(cfg.ckpt_path)
     precision = resolve_precision(cfg.precision, "cpu" if device.type == "cpu" else "gpu")
     # The fast path evaluate.py runs: BN folded, channels-last, conv weights in the autocast dtype.
-    model = optimize_for_inference(model.to(device), weight_dtype=autocast_dtype(precision))
+    model = optimize_for_inference(model.to(device), precision=precision)
     predictor = Predictor(model, build(run_cfg.module.postprocessor), precision=precision)
     test = run_cfg.data.datamodule
     min_size = cfg.test_min_size if cfg.test_min_size is not None else test.test_min_size

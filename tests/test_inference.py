@@ -9,11 +9,12 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
+from fcos_lightning.data.collate import pad_images
 from fcos_lightning.fcos.loss import FCOSLoss
 from fcos_lightning.fcos.points import make_points
 from fcos_lightning.fcos.postprocess import flatten_level
 from fcos_lightning.fcos.targets import TargetAssigner
-from fcos_lightning.inference import Predictor, fold_batch_norms, optimize_for_inference, pad_images
+from fcos_lightning.inference import Predictor, fold_batch_norms, optimize_for_inference
 from fcos_lightning.modeling.backbones import TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import FCOSHead
@@ -96,7 +97,7 @@ def test_predictor_pads_and_matches_the_batched_input():
 def test_bf16_finds_the_same_top_detections_as_fp32(trained):
     model, images, boxes, labels = trained
     fp32 = Predictor(optimize_for_inference(copy.deepcopy(model)), precision="32-true")(images)
-    fast = optimize_for_inference(copy.deepcopy(model), weight_dtype=torch.bfloat16)  # what evaluate.py runs
+    fast = optimize_for_inference(copy.deepcopy(model), precision="bf16-mixed")  # what evaluate.py runs
     bf16 = Predictor(fast, precision="bf16-mixed")(images)
     for ref, low, gt_boxes, gt_labels in zip(fp32, bf16, boxes, labels, strict=True):
         confident = ref["scores"] > 0.5
@@ -116,7 +117,7 @@ def test_weights_stored_in_the_autocast_dtype_give_identical_outputs():
     """Casting conv weights once equals autocast casting them at every call, bit for bit; a model so cast
     is refused by a full-precision Predictor instead of failing inside a convolution."""
     model = optimize_for_inference(tiny_fcos())
-    cast = optimize_for_inference(copy.deepcopy(model), weight_dtype=torch.bfloat16)
+    cast = optimize_for_inference(copy.deepcopy(model), precision="bf16-mixed")
     assert cast.backbone.body.conv1.weight.dtype == torch.bfloat16
     images = [torch.randint(0, 256, (3, 96, 120), dtype=torch.uint8) for _ in range(2)]
     batch, sizes = pad_images(images, 32, "cpu")

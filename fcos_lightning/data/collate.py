@@ -7,11 +7,25 @@ map detections back. Targets stay a list (never stacked: images have different b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
-__all__ = ["Collator"]
+__all__ = ["Collator", "pad_images"]
+
+
+def pad_images(images: Sequence[Tensor], divisor: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """``[3, H, W]`` uint8 images zero-padded bottom/right into a ``[B, 3, H', W']`` batch on ``device`` whose
+    sides are multiples of ``divisor`` (no rounding for 0 or 1), and their ``[B, 2]`` (h, w) sizes."""
+    sizes = torch.tensor([img.shape[-2:] for img in images], dtype=torch.int64)
+    d = max(int(divisor), 1)
+    h, w = (-(-int(s) // d) * d for s in sizes.max(dim=0).values)
+    batch = torch.zeros((len(images), 3, h, w), dtype=torch.uint8, device=device)
+    for i, img in enumerate(images):
+        batch[i, :, : img.shape[-2], : img.shape[-1]].copy_(img, non_blocking=True)
+    return batch, sizes.to(device)
 
 
 class Collator:
@@ -43,14 +57,7 @@ class Collator:
                     f"image id {s.get('image_id')}: expected a uint8 [3,H,W] image, got {img.dtype} "
                     f"{list(img.shape)}"
                 )
-        image_sizes = torch.tensor([img.shape[-2:] for img in images], dtype=torch.int64)
-        hp, wp = image_sizes.max(dim=0).values.tolist()
-        d = self.size_divisibility
-        if d > 1:
-            hp, wp = -(-hp // d) * d, -(-wp // d) * d
-        batch = torch.zeros((len(images), 3, hp, wp), dtype=torch.uint8)
-        for i, img in enumerate(images):
-            batch[i, :, : img.shape[-2], : img.shape[-1]].copy_(img)
+        batch, image_sizes = pad_images(images, self.size_divisibility)
         targets = [
             {
                 "boxes": s["boxes"].as_subclass(torch.Tensor).to(torch.float32).reshape(-1, 4),

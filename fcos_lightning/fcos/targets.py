@@ -217,24 +217,24 @@ class TargetAssigner:
         """The x and y coordinates ``[W]``, ``[H]`` of a level grid, checked once per points tensor (the
         cached grids of :func:`make_points` recur every step, and the check reads values back to the host)."""
         key = id(pts)
-        ref, *axes = self._grids.get(key, (None,))
-        if ref is None or ref() is not pts:
-            width = int((pts[:, 1] == pts[0, 1]).sum())
-            height = pts.shape[0] // width
-            xs, ys = pts[:width, 0].contiguous(), pts[::width, 1].contiguous()
-            increasing = bool((xs.diff() > 0).all() and (ys.diff() > 0).all())  # searchsorted needs sorted axes
-            if (
-                not increasing
-                or width * height != pts.shape[0]
-                or not torch.equal(pts, torch.stack((xs.repeat(height), ys.repeat_interleave(width)), dim=1))
-            ):
-                raise ValueError(
-                    f"points of stride {stride} are not a full row-major grid with increasing x and y (use make_points)"
-                )
-            forget = weakref.ref(pts, lambda _, key=key, grids=self._grids: grids.pop(key, None))
-            self._grids[key] = (forget, xs, ys)
-            axes = [xs, ys]
-        return axes[0], axes[1]
+        cached = self._grids.get(key)
+        if cached is not None and cached[0]() is pts:
+            return cached[1], cached[2]
+        width = int((pts[:, 1] == pts[0, 1]).sum())
+        height = pts.shape[0] // width
+        xs, ys = pts[:width, 0].contiguous(), pts[::width, 1].contiguous()
+        increasing = bool((xs.diff() > 0).all() and (ys.diff() > 0).all())  # searchsorted needs sorted axes
+        if (
+            not increasing
+            or width * height != pts.shape[0]
+            or not torch.equal(pts, torch.stack((xs.repeat(height), ys.repeat_interleave(width)), dim=1))
+        ):
+            raise ValueError(
+                f"points of stride {stride} are not a full row-major grid with increasing x and y (use make_points)"
+            )
+        forget = weakref.ref(pts, lambda _, key=key, grids=self._grids: grids.pop(key, None))
+        self._grids[key] = (forget, xs, ys)
+        return xs, ys
 
     def _assign_chunk(
         self, points: Tensor, strides: Tensor, ranges: Tensor, boxes: Tensor, valid: Tensor

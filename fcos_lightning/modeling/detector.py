@@ -102,7 +102,8 @@ class FCOS(nn.Module):
         step = self.cpu_micro_batch
         if self.training or not step or images.shape[0] <= step or images.device.type != "cpu":
             return self.forward_features(self.normalize(images, image_sizes))
-        sizes = image_sizes.split(step) if image_sizes is not None else [None] * -(-images.shape[0] // step)
-        parts = [self.forward_features(self.normalize(x, s)) for x, s in zip(images.split(step), sizes, strict=True)]
+        chunks = images.split(step)
+        sizes = image_sizes.split(step) if image_sizes is not None else [None] * len(chunks)
+        parts = [self.forward_features(self.normalize(x, s)) for x, s in zip(chunks, sizes, strict=True)]
         # parts[chunk].field[level] -> field[level], the chunks concatenated along the batch.
         return HeadOutputs(*([torch.cat(level) for level in zip(*field)] for field in zip(*parts)))

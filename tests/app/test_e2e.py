@@ -15,6 +15,7 @@ from pycocotools.cocoeval import COCOeval
 from fcos_lightning.app import evaluate, train
 from fcos_lightning.data.demo import make_demo_dataset
 from fcos_lightning.lit_module import warmup_multistep
+from fcos_lightning.modeling.detector import FCOS
 from tests.conftest import compose_config
 
 # A tiny, fast variant of the demo experiment (the point here is the plumbing, not the accuracy).
@@ -58,7 +59,7 @@ def pycocotools_metrics(ann_file: Path, detections: list[dict]) -> dict[str, flo
     return dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), (max(float(s), 0.0) * 100 for s in ev.stats[:6])))
 
 
-def test_train_then_evaluate_matches_pycocotools(dataset, tmp_path):
+def test_train_then_evaluate_matches_pycocotools(dataset, tmp_path, monkeypatch):
     run = tmp_path / "run"
     cfg = tiny_cfg(
         dataset,
@@ -93,7 +94,13 @@ def test_train_then_evaluate_matches_pycocotools(dataset, tmp_path):
         ],
         out,
     )
+    network_batches = []
+    forward_features = FCOS.forward_features
+    monkeypatch.setattr(
+        FCOS, "forward_features", lambda self, x: network_batches.append(len(x)) or forward_features(self, x)
+    )
     metrics = evaluate(ecfg)
+    assert network_batches and set(network_batches) == {1}  # cpu_micro_batch=1: val batches of 2, image by image
     written = json.loads((out / "metrics.json").read_text())
     detections = json.loads((out / "detections.json").read_text())
     assert detections, "score_thresh=0.001 must leave detections to score"
