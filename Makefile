@@ -29,7 +29,7 @@ lint: venv
 	$(PY) -m ruff format --check .
 
 bench: venv
-	$(PY) benchmark.py $(BENCH_ARGS)
+	$(PY) -m benchmarks.speed $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv outputs multirun .pytest_cache .ruff_cache

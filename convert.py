@@ -4,7 +4,8 @@
 import argparse
 import logging
 
-from fcos_lightning.convert.checkpoint import FORMATS, convert_checkpoint
+from fcos_lightning.app.convert import convert_checkpoint
+from fcos_lightning.convert.checkpoint import FORMATS
 
 
 def main() -> None:

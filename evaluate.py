@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from fcos_lightning.app import evaluate
+from fcos_lightning.app.evaluate import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

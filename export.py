@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from fcos_lightning.export import export
+from fcos_lightning.app.export import export
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")

@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from fcos_lightning.predict import predict
+from fcos_lightning.app.predict import predict
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from fcos_lightning.app import validate_data
+from fcos_lightning.app.validate_data import validate_data
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="validate_data")

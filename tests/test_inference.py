@@ -14,10 +14,11 @@ from fcos_lightning.fcos.loss import FCOSLoss
 from fcos_lightning.fcos.points import make_points
 from fcos_lightning.fcos.postprocess import flatten_level
 from fcos_lightning.fcos.targets import TargetAssigner
-from fcos_lightning.inference import Predictor, fold_batch_norms, optimize_for_inference
 from fcos_lightning.modeling.backbones import TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import FCOSHead
+from fcos_lightning.runtime.optimize import fold_batch_norms, optimize_for_inference
+from fcos_lightning.runtime.predictor import Predictor
 from tests.fcos.test_overfit import NUM_CLASSES, make_batch
 
 STEPS = 60

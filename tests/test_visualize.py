@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fcos_lightning.visualize import PALETTE, detection_grid, draw_detections
+from fcos_lightning.evaluation.visualize import PALETTE, detection_grid, draw_detections
 
 RED = (230, 25, 75)  # PALETTE[0]
 

@@ -18,15 +18,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from fcos_lightning.checkpointing import safe_load
 from fcos_lightning.convert.adelaidet import Conversion, adelaidet_to_fcos, detect_architecture
 from fcos_lightning.convert.torchvision import TORCHVISION_GEOMETRY, torchvision_to_fcos
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.coco_categories import coco_category_map
+from fcos_lightning.files import safe_load
 
 log = logging.getLogger("fcos_lightning.convert")
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 FORMATS = ("adelaidet", "torchvision")
 
 
@@ -48,18 +47,6 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     if bad:
         raise ValueError(f"{path}: entries that are not tensors: {bad[:10]}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def compose_run_config(overrides: list[str]) -> dict:
-    """``conf/train.yaml`` composed with ``overrides`` and resolved to plain containers (no Hydra run)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, "output_dir=."])
-    GlobalHydra.instance().clear()
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 @dataclass
@@ -154,54 +141,6 @@ def convert_state_dict(
     raise ValueError(f"unknown source format {source_format!r}; expected one of {FORMATS}")
 
 
-def convert_checkpoint(
-    source_format: str, input_path: str | Path, output_path: str | Path, stride_in_1x1: bool | None = None
-) -> dict:
-    """Convert ``input_path`` (an AdelaiDet or torchvision FCOS file) into a checkpoint of ours at ``output_path``.
-
-    The target network is built from the composed run config (random init, no download) and the converted
-    weights are loaded into it strictly, so the written checkpoint is known to load. Returns the checkpoint.
-    """
-    from fcos_lightning.app import build
-
-    state = load_state_dict_file(input_path)
-    conversion, overrides, num_classes = convert_state_dict(source_format, state, stride_in_1x1)
-    run_config = compose_run_config(overrides)
-    model: nn.Module = build(OmegaConf.create(run_config["model"]), num_classes=num_classes)
-    matched, report = match_to_model(conversion, model.state_dict())
-    model.load_state_dict(matched, strict=True)
-    category_map = _category_map(num_classes)
-    ckpt = {
-        "state_dict": {f"model.{k}": v.contiguous() for k, v in matched.items()},
-        "category_map": category_map.to_dict(),
-        "fcos_config": run_config,
-        "converted_from": {
-            "format": source_format,
-            "file": str(Path(input_path).resolve()),
-            "dropped_keys": report.dropped,
-            "filled_keys": report.filled,
-        },
-    }
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, output_path)
-    log.info(
-        "%s -> %s: %d source tensors, %d model tensors loaded strictly (%s)",
-        input_path,
-        output_path,
-        len(state),
-        len(matched),
-        " ".join(o for o in overrides if o.startswith(("model=", "data="))),
-    )
-    for why in sorted(set(report.dropped.values())):
-        keys = [k for k, w in report.dropped.items() if w == why]
-        shown = keys if len(keys) <= 12 else [*keys[:12], "..."]  # all of them under converted_from.dropped_keys
-        log.info("dropped %d source keys (%s): %s", len(keys), why, shown)
-    if report.filled:
-        log.info("%d BatchNorm counters not in the file start at 0: %s", len(report.filled), report.filled)
-    return ckpt
-
-
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint of ours (trained or converted), loaded with ``weights_only=True`` (:func:`safe_load`)."""
     ckpt = safe_load(path)
@@ -220,7 +159,7 @@ def model_state(ckpt: Mapping) -> dict[str, Tensor]:
 
 def load_model(path: str | Path) -> tuple[nn.Module, CategoryMap, DictConfig]:
     """``(network in eval mode, class map, run config)`` of a checkpoint of ours."""
-    from fcos_lightning.app import build
+    from fcos_lightning.app.config import build
 
     ckpt = load_checkpoint(path)
     run_cfg = OmegaConf.create(ckpt["fcos_config"])

@@ -1,8 +1,7 @@
-"""Data: COCO-format datasets, v2 transforms, collation, self-sharding samplers, datamodule, demo set."""
+"""Data: COCO-format datasets, v2 transforms, collation, self-sharding samplers, demo set (plain PyTorch)."""
 
 from .coco import CategoryMap, CocoDetection, load_coco_json, read_coco_categories, read_image
 from .collate import Collator
-from .datamodule import COCODataModule
 from .demo import DEMO_CATEGORIES, make_demo_dataset
 from .samplers import AspectRatioGroupedBatchSampler, InferenceSampler, dist_info
 from .transforms import ResizeShortestEdge, build_test_transforms, build_train_transforms
@@ -10,7 +9,6 @@ from .transforms import ResizeShortestEdge, build_test_transforms, build_train_t
 __all__ = [
     "DEMO_CATEGORIES",
     "AspectRatioGroupedBatchSampler",
-    "COCODataModule",
     "CategoryMap",
     "CocoDetection",
     "Collator",

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torchvision.io import encode_jpeg, encode_png
 
-from fcos_lightning.checkpointing import write_json_atomic
+from fcos_lightning.files import write_json_atomic
 from .coco import CategoryMap
 from .decode import quiet_tv_io
 

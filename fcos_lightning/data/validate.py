@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fcos_lightning.checkpointing import write_json_atomic
+from fcos_lightning.files import write_json_atomic
 from fcos_lightning.fcos.points import make_points
 from fcos_lightning.fcos.targets import TargetAssigner, size_ranges
 

@@ -24,7 +24,7 @@ from timm.models.resnet import Bottleneck
 from torch import Tensor, nn
 from torchvision import ops
 
-from fcos_lightning.checkpointing import safe_load
+from fcos_lightning.files import safe_load
 from fcos_lightning.modeling.dcn import ModulatedDeformConv2d
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fcos_lightning.app import build_module, make_schedule, world_size
+from fcos_lightning.app.train import build_module, make_schedule, world_size
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.demo import make_demo_dataset
-from fcos_lightning.precision import resolve_precision
+from fcos_lightning.runtime.precision import resolve_precision
 from tests.conftest import CONF_DIR
 
 EXPERIMENTS = sorted(

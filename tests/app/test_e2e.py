@@ -12,9 +12,10 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from fcos_lightning.app import evaluate, train
+from fcos_lightning.app.evaluate import evaluate
+from fcos_lightning.app.train import train
 from fcos_lightning.data.demo import make_demo_dataset
-from fcos_lightning.lit_module import warmup_multistep
+from fcos_lightning.lightning.module import warmup_multistep
 from fcos_lightning.modeling.detector import FCOS
 from tests.conftest import compose_config
 

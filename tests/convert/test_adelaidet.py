@@ -19,12 +19,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from fcos_lightning.app import build
-from fcos_lightning.checkpointing import UnsafeCheckpointError
+from fcos_lightning.app.config import build
 from fcos_lightning.convert.adelaidet import adelaidet_to_fcos, detect_architecture
+from fcos_lightning.app.convert import compose_run_config, convert_checkpoint
 from fcos_lightning.convert.checkpoint import (
-    compose_run_config,
-    convert_checkpoint,
     convert_state_dict,
     load_checkpoint,
     load_model,
@@ -33,6 +31,7 @@ from fcos_lightning.convert.checkpoint import (
     model_state,
 )
 from fcos_lightning.data.coco import CategoryMap
+from fcos_lightning.files import UnsafeCheckpointError
 
 KEYS_FILE = Path(__file__).resolve().parents[3] / "shared" / "spec" / "adelaidet_fcos_keys.txt"  # ../shared/spec
 if not KEYS_FILE.is_file():  # the contract ships with the spec; a copy next to the tests is used otherwise

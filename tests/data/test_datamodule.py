@@ -5,7 +5,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from fcos_lightning.data import DEMO_CATEGORIES, COCODataModule, make_demo_dataset
+from fcos_lightning.data import DEMO_CATEGORIES, make_demo_dataset
+from fcos_lightning.lightning.datamodule import COCODataModule
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fcos_lightning.app import build
-from fcos_lightning.convert.checkpoint import convert_checkpoint
+from fcos_lightning.app.config import build
+from fcos_lightning.app.convert import convert_checkpoint
 from tests.app.test_e2e import TINY
 from tests.conftest import compose_config
 from tests.parity.test_torchvision_model import perturbed_torchvision_fcos

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fcos_lightning.app import evaluate
+from fcos_lightning.app.evaluate import evaluate
 from fcos_lightning.data.coco_categories import COCO_CATEGORIES
 from tests.conftest import compose_config
 from tests.deploy.conftest import TV_HEIGHT, TV_WIDTH

@@ -10,10 +10,11 @@ import logging.handlers
 import pytest
 import torch
 
-from fcos_lightning.app import build
+from fcos_lightning.app.config import build
+from fcos_lightning.app.export import export
 from fcos_lightning.convert.checkpoint import load_model
-from fcos_lightning.export import OnnxFCOS, check_against_pytorch, export, sample_batch
 from fcos_lightning.fcos.points import make_points
+from fcos_lightning.runtime.onnx import OnnxFCOS, check_against_pytorch, sample_batch
 from tests.conftest import compose_config
 
 SIZES = [[192, 256], [256, 160], [150, 211]]

@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
-from fcos_lightning.app import build, train
+from fcos_lightning.app.config import build
+from fcos_lightning.app.init_from import init_from_checkpoint
+from fcos_lightning.app.train import train
 from fcos_lightning.convert.checkpoint import load_checkpoint, model_state
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.demo import make_demo_dataset
-from fcos_lightning.init_from import init_from_checkpoint
 from tests.app.test_e2e import TINY
 from tests.conftest import compose_config
 from tests.deploy.conftest import CATEGORIES, write_tiny_checkpoint

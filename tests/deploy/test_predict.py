@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fcos_lightning.predict import predict
+from fcos_lightning.app.predict import predict
 from tests.conftest import compose_config
 from tests.deploy.conftest import TV_HEIGHT as HEIGHT
 from tests.deploy.conftest import TV_WIDTH as WIDTH

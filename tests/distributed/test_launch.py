@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from fcos_lightning.app import world_size
-from fcos_lightning.distributed import check_world_size, relaunches_script
+from fcos_lightning.app.launch import check_world_size, relaunches_script
+from fcos_lightning.app.train import world_size
 from tests.conftest import CONF_DIR
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from fcos_lightning.lit_module import FCOSLitModule
+from fcos_lightning.lightning.module import FCOSLitModule
 from fcos_lightning.modeling.backbones import TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import FCOSHead

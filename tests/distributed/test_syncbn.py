@@ -10,9 +10,9 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from fcos_lightning import lit_module
-from fcos_lightning.distributed import apply_sync_batchnorm, should_sync_batchnorm
-from fcos_lightning.lit_module import FCOSLitModule
+from fcos_lightning.lightning import module as lit_module
+from fcos_lightning.lightning.module import FCOSLitModule
+from fcos_lightning.lightning.syncbn import apply_sync_batchnorm, should_sync_batchnorm
 from fcos_lightning.modeling.backbones import FrozenBatchNorm2d, TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import FCOSHead
@@ -48,7 +48,7 @@ def test_cpu_and_single_process_convert_nothing_and_say_so(trainer_kwargs, why, 
     assert not sync and why in reason
     model = small_fcos("syncbn", "SyncBN")
     before = norm_types(model)
-    with caplog.at_level(logging.INFO, logger="fcos_lightning.distributed"):
+    with caplog.at_level(logging.INFO, logger="fcos_lightning.lightning.syncbn"):
         counts = apply_sync_batchnorm(model, sync, reason)
     assert counts == {"backbone": 0, "head": 0}
     assert norm_types(model) == before
@@ -96,7 +96,7 @@ def test_bn_declared_plain_stays_plain(backbone_norm, head_norm, expected_parts)
 def test_lightning_module_converts_in_setup_when_told_to(monkeypatch, caplog):
     module = FCOSLitModule(small_fcos("syncbn", "SyncBN"), {"cat_ids": [1, 2, 3], "names": ["a", "b", "c"]})
     module.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    with caplog.at_level(logging.INFO, logger="fcos_lightning.distributed"):
+    with caplog.at_level(logging.INFO, logger="fcos_lightning.lightning.syncbn"):
         module.setup("fit")
     assert "plain BatchNorm" in caplog.text and "a single process" in caplog.text
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
@@ -104,7 +104,7 @@ def test_lightning_module_converts_in_setup_when_told_to(monkeypatch, caplog):
     monkeypatch.setattr(lit_module, "should_sync_batchnorm", lambda trainer: (True, "DDP on CUDA (faked)"))
     module.setup("validate")
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())  # only for training
-    with caplog.at_level(logging.INFO, logger="fcos_lightning.distributed"):
+    with caplog.at_level(logging.INFO, logger="fcos_lightning.lightning.syncbn"):
         module.setup("fit")
     assert any(isinstance(m, nn.SyncBatchNorm) for m in module.model.head.modules())
     assert any(isinstance(m, nn.SyncBatchNorm) for m in module.model.backbone.modules())

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from fcos_lightning.data.demo import make_demo_dataset
-from fcos_lightning.lit_module import FCOSLitModule
+from fcos_lightning.lightning.module import FCOSLitModule
 from tests.app.test_e2e import TINY
 from tests.conftest import compose_config
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fcos_lightning.app import train
+from fcos_lightning.app.train import train
 from fcos_lightning.data.decode import BadImageError
 from tests.reliability.helpers import make_tiny_demo, tiny_cfg
 

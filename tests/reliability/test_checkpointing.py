@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcos_lightning.app import load_checkpoint, train
-from fcos_lightning.checkpointing import AtomicCheckpointIO, NonFiniteModelError, UnsafeCheckpointError, safe_load
+from fcos_lightning.app.train import train
+from fcos_lightning.convert.checkpoint import load_checkpoint
+from fcos_lightning.files import UnsafeCheckpointError, safe_load
+from fcos_lightning.lightning.checkpoint_io import AtomicCheckpointIO, NonFiniteModelError
 from tests.app.test_e2e import TINY
 from tests.reliability.helpers import make_tiny_demo, tiny_cfg
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from fcos_lightning.app import evaluate, resolve_ckpt_path, train, validate_data
-from fcos_lightning.config_check import ConfigError
+from fcos_lightning.app.config import ConfigError
+from fcos_lightning.app.evaluate import evaluate
+from fcos_lightning.app.train import resolve_ckpt_path, train
+from fcos_lightning.app.validate_data import validate_data
 from tests.conftest import compose_config
 
 

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from fcos_lightning.app import train
-from fcos_lightning.nonfinite import NonFiniteLossError
+from fcos_lightning.app.train import train
+from fcos_lightning.lightning.nonfinite import NonFiniteLossError
 from tests.reliability.helpers import finite_state, make_tiny_demo, tiny_cfg
 
 NAN_AT = 5
@@ -40,7 +40,7 @@ def test_nan_loss_stops_naming_images_and_terms_and_keeps_last_good_checkpoint(d
 
 def test_skip_policy_drops_the_step_and_finishes(dataset, tmp_path, caplog):
     run = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="fcos_lightning.lit_module"):
+    with caplog.at_level(logging.WARNING, logger="fcos_lightning.lightning.module"):
         train(tiny_cfg(dataset, run, *RUN, "module.on_nonfinite_loss=skip"))
     skipped = [r for r in caplog.records if "step skipped" in r.getMessage()]
     assert len(skipped) == 1 and f"step {NAN_AT}" in skipped[0].getMessage()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fcos_lightning.app import validate_data
+from fcos_lightning.app.validate_data import validate_data
 from fcos_lightning.data.validate import FPNGeometry, validate_split
 from tests.app.test_e2e import TINY
 from tests.conftest import compose_config

@@ -1,25 +1,16 @@
-"""The fast inference path: uint8 images in, detections out.
-
-:func:`optimize_for_inference` folds eval-mode batch norms into the convolutions before them and switches the
-network to channels-last; :class:`Predictor` pads a batch, normalizes it on the model's device, runs the
-network under the precision's autocast (bf16 on CPUs with native bf16 and on GPUs, by ``precision=auto``) and
-post-processes the whole batch at once. ``evaluate.py`` and ``benchmark.py`` both use this path.
-"""
+"""The fast inference path's network preparation: batch norms folded into the convolutions, channels-last
+memory, conv weights stored in the autocast dtype; and the autocast context a Lightning precision means.
+``evaluate.py``, ``predict.py`` and the benchmark all run networks prepared here."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from fcos_lightning.data.collate import pad_images
-from fcos_lightning.fcos.points import make_points
-from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.modeling.detector import FCOS
-from fcos_lightning.precision import resolve_precision
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -109,62 +100,3 @@ def optimize_for_inference(
             if isinstance(module, nn.Conv2d):
                 module.to(weight_dtype)
     return model
-
-
-class Predictor:
-    """Detections for uint8 RGB images at the network's input resolution.
-
-    Args:
-        model: the network (prepare it with :func:`optimize_for_inference` for speed).
-        postprocessor: decoding, NMS and rescaling settings.
-        precision: a Lightning precision or ``auto`` (:func:`~fcos_lightning.precision.resolve_precision`).
-        compile: wrap the network in ``torch.compile`` (the first calls compile; slower on the CPU measured, README).
-    """
-
-    def __init__(
-        self,
-        model: FCOS,
-        postprocessor: FCOSPostProcessor | None = None,
-        precision: str = "auto",
-        compile: bool = False,
-    ) -> None:
-        self.model = model.eval()
-        self.postprocessor = postprocessor or FCOSPostProcessor()
-        device = next(model.parameters()).device
-        self.device = device
-        self.precision = resolve_precision(precision, "cpu" if device.type == "cpu" else "gpu")
-        stray = {m.weight.dtype for m in model.modules() if isinstance(m, nn.Conv2d)}
-        stray -= {torch.float32, autocast_dtype(self.precision)}
-        if stray:
-            raise ValueError(
-                f"the model's convolution weights are {sorted(map(str, stray))} but precision {self.precision!r} "
-                "computes in another dtype; pass the same precision to optimize_for_inference(precision=...)"
-            )
-        self.network = torch.compile(model, dynamic=False) if compile else model
-
-    def pad(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """Zero-pad ``[3, H, W]`` uint8 images into one batch on the model's device (:func:`pad_images`)."""
-        return pad_images(images, self.model.size_divisibility, self.device)
-
-    @torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every use
-    def __call__(
-        self,
-        images: Sequence[Tensor] | Tensor,
-        image_sizes: Tensor | None = None,
-        orig_sizes: Tensor | None = None,
-    ) -> list[dict[str, Tensor]]:
-        """A list of ``[3, H, W]`` uint8 images (padded here), or an already padded ``[B, 3, H, W]`` batch with
-        its ``image_sizes``; ``orig_sizes`` rescales the boxes to the images before resizing."""
-        if isinstance(images, Tensor) and images.ndim == 4:
-            if image_sizes is None:
-                image_sizes = torch.tensor([images.shape[-2:]] * images.shape[0], device=self.device)
-            batch = images.to(self.device, non_blocking=True)
-        else:
-            batch, image_sizes = self.pad(images)
-        with autocast(self.precision, self.device):
-            outputs = self.network(batch, image_sizes)
-        sizes = [x.shape[-2:] for x in outputs.cls_logits]
-        points = make_points(sizes, self.model.strides, self.model.point_offset, self.device)
-        return self.postprocessor(
-            outputs.cls_logits, outputs.box_reg, outputs.centerness, points, self.model.strides, image_sizes, orig_sizes
-        )

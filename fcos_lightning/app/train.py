@@ -1,37 +1,24 @@
-"""The application: ``train(cfg)`` and ``evaluate(cfg)`` build everything from a composed Hydra config.
-
-This is the only place where configs meet code (``hydra.utils.instantiate``); ``train.py`` and
-``evaluate.py`` are thin ``@hydra.main`` wrappers, and tests call these functions directly.
-"""
+"""``train(cfg)``: build everything from a composed Hydra config and train (``train.py``)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fcos_lightning.checkpointing import write_json_atomic
-from fcos_lightning.config_check import check_config, check_output_dir
-from fcos_lightning.convert.checkpoint import load_checkpoint, model_state
+from fcos_lightning.app.config import build, check_config, check_output_dir
+from fcos_lightning.app.init_from import init_from_checkpoint
+from fcos_lightning.app.launch import check_world_size, run_multirun_job_with_ddp
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.demo import make_demo_dataset
-from fcos_lightning.data.validate import FPNGeometry, ValidationReport, validate_split
-from fcos_lightning.distributed import check_world_size, run_multirun_job_with_ddp
-from fcos_lightning.evaluation import METRIC_NAMES, format_table
-from fcos_lightning.inference import optimize_for_inference
-from fcos_lightning.init_from import init_from_checkpoint
-from fcos_lightning.lit_module import FCOSLitModule
-from fcos_lightning.precision import resolve_precision
+from fcos_lightning.evaluation.coco import format_table
+from fcos_lightning.runtime.precision import resolve_precision
 
 log = logging.getLogger("fcos_lightning")
 
@@ -85,19 +72,6 @@ def make_schedule(schedule_cfg: DictConfig, global_batch: int) -> Schedule:
         warmup_iters=steps(schedule_cfg.warmup_iters) if schedule_cfg.warmup_iters else 0,
         val_interval=steps(schedule_cfg.val_interval),
     )
-
-
-def build(cfg: DictConfig, **kwargs):
-    """``hydra.utils.instantiate`` that raises the constructor's own error (e.g. FileNotFoundError naming the
-    missing file) instead of Hydra's wrapper around it."""
-    try:
-        return instantiate(cfg, **kwargs)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, TypeError):  # e.g. an unexpected keyword: name the config node
-            raise TypeError(f"{cfg._get_full_key(None) or cfg.get('_target_')}: {e.__cause__}") from None
-        if e.__cause__ is not None:
-            raise e.__cause__ from None
-        raise
 
 
 def prepare_data(data_cfg: DictConfig) -> None:
@@ -212,84 +186,6 @@ def train(cfg: DictConfig) -> float:
         )
         log.info("run dir: %s (TensorBoard: tensorboard --logdir %s)", output_dir, output_dir / "tensorboard")
     return float(metrics.get("AP", float("nan")))
-
-
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate a checkpoint on a val split; writes metrics.json and detections.json to ``cfg.output_dir``."""
-    check_config(cfg)
-    output_dir = check_output_dir(cfg.output_dir)
-    ckpt = load_checkpoint(cfg.ckpt_path)
-    run_cfg = OmegaConf.create(ckpt["fcos_config"])
-    run_cfg.output_dir = str(output_dir)
-    run_cfg.module.num_vis_images = cfg.num_pictures
-    dm_cfg = run_cfg.data.datamodule
-    overrides = {
-        "val_ann_file": cfg.data.val.ann_file,
-        "val_img_dir": cfg.data.val.img_dir,
-        "val_batch_size": cfg.data.val_batch_size,
-        "num_workers": cfg.data.num_workers,
-        "test_min_size": cfg.data.test_min_size,
-        "test_max_size": cfg.data.test_max_size,
-    }
-    dm_cfg.update({k: v for k, v in overrides.items() if v is not None})
-    # The class map comes from the checkpoint; read categories from the val file (train data may be absent).
-    dm_cfg.train_ann_file, dm_cfg.train_img_dir = dm_cfg.val_ann_file, dm_cfg.val_img_dir
-    category_map = CategoryMap.from_dict(ckpt["category_map"])
-    datamodule = build(dm_cfg)
-    if datamodule.category_map != category_map:
-        raise ValueError(
-            f"{dm_cfg.val_ann_file}: categories {list(datamodule.category_map.cat_ids)} differ from the "
-            f"checkpoint's {list(category_map.cat_ids)} ({cfg.ckpt_path})"
-        )
-    module: FCOSLitModule = build_module(run_cfg, category_map.num_classes, category_map, None)
-    module.model.load_state_dict(model_state(ckpt))
-    precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
-    # The fast inference path: BN folded into convs, channels-last, conv weights stored in the autocast dtype.
-    optimize_for_inference(module.model, precision=precision, cpu_micro_batch=cfg.cpu_micro_batch)
-    trainer: pl.Trainer = instantiate(cfg.trainer, precision=precision, logger=False, default_root_dir=str(output_dir))
-    start = time.perf_counter()
-    trainer.validate(module, datamodule=datamodule)
-    elapsed = time.perf_counter() - start
-    metrics = dict(module.last_metrics)
-    num_images = int(metrics.get("num_images", 0))
-    metrics["images_per_second"] = num_images / elapsed if elapsed > 0 else math.nan
-    if trainer.is_global_zero:
-        (output_dir / "detections.json").write_text(json.dumps(module.last_results))
-        summary = {k: metrics[k] for k in METRIC_NAMES}
-        summary["per_class_AP"] = {k[3:]: v for k, v in metrics.items() if k.startswith("AP/")}
-        summary.update(num_images=num_images, images_per_second=metrics["images_per_second"])
-        write_json_atomic(output_dir / "metrics.json", summary, indent=2)
-        print(format_table(metrics, category_map))
-        print(f"{num_images} images in {elapsed:.1f} s: {metrics['images_per_second']:.2f} images/s end to end")
-        print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'detections.json'}")
-    return metrics
-
-
-def validate_data(cfg: DictConfig) -> ValidationReport:
-    """Validate the configured splits (``validate_data.py``); prints the report, writes validation.json."""
-    check_config(cfg)
-    output_dir = check_output_dir(cfg.output_dir)
-    prepare_data(cfg.data)
-    model = build(cfg.model, num_classes=1)  # only its geometry is used
-    dm = cfg.data.datamodule
-    geometry = FPNGeometry(
-        strides=tuple(model.strides),
-        sizes_of_interest=tuple(model.sizes_of_interest),
-        center_sampling_radius=cfg.module.center_sampling_radius,
-        point_offset=model.point_offset,
-        test_min_size=dm.test_min_size,
-        test_max_size=dm.test_max_size,
-    )
-    v = cfg.validate
-    splits = [
-        validate_split(s, cfg.data[s].ann_file, cfg.data[s].img_dir, geometry, v.images, v.num_workers)
-        for s in v.splits
-    ]
-    report = ValidationReport(splits)
-    report.write_json(output_dir / "validation.json")
-    print(report.format())
-    print(f"wrote {output_dir / 'validation.json'}")
-    return report
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

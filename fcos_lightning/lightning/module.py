@@ -17,17 +17,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fcos_lightning.checkpointing import write_json_atomic
 from fcos_lightning.data.coco import CategoryMap
-from fcos_lightning.distributed import apply_sync_batchnorm, should_sync_batchnorm
-from fcos_lightning.evaluation import METRIC_NAMES, evaluate_coco, gather_detections, to_coco_results
+from fcos_lightning.evaluation.coco import METRIC_NAMES, evaluate_coco, gather_detections, to_coco_results
+from fcos_lightning.evaluation.visualize import detection_grid
 from fcos_lightning.fcos.loss import FCOSLoss
 from fcos_lightning.fcos.points import make_points
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor, flatten_level
 from fcos_lightning.fcos.targets import TargetAssigner
+from fcos_lightning.files import write_json_atomic
+from fcos_lightning.lightning.nonfinite import (
+    ON_NONFINITE_LOSS,
+    NonFiniteLossError,
+    OnNonFiniteLoss,
+    describe_nonfinite,
+)
+from fcos_lightning.lightning.syncbn import apply_sync_batchnorm, should_sync_batchnorm
 from fcos_lightning.modeling.detector import FCOS
-from fcos_lightning.nonfinite import ON_NONFINITE_LOSS, NonFiniteLossError, OnNonFiniteLoss, describe_nonfinite
-from fcos_lightning.visualize import detection_grid
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from .coco import ON_BAD_IMAGE, CategoryMap, CocoDetection, OnBadImage
-from .collate import Collator
-from .samplers import AspectRatioGroupedBatchSampler, InferenceSampler, dist_info
-from .transforms import build_test_transforms, build_train_transforms
+from fcos_lightning.data.coco import ON_BAD_IMAGE, CategoryMap, CocoDetection, OnBadImage
+from fcos_lightning.data.collate import Collator
+from fcos_lightning.data.samplers import AspectRatioGroupedBatchSampler, InferenceSampler, dist_info
+from fcos_lightning.data.transforms import build_test_transforms, build_train_transforms
 
 __all__ = ["COCODataModule"]
 
@@ -59,9 +59,7 @@ class COCODataModule(pl.LightningDataModule):
         self.val_ann_file = os.fspath(val_ann_file)
         self.val_img_dir = os.fspath(val_img_dir)
         self.train_min_sizes = (
-            (int(train_min_sizes),)
-            if isinstance(train_min_sizes, int)
-            else tuple(int(s) for s in train_min_sizes)
+            (int(train_min_sizes),) if isinstance(train_min_sizes, int) else tuple(int(s) for s in train_min_sizes)
         )
         self.train_max_size = int(train_max_size)
         self.test_min_size = int(test_min_size)
@@ -148,9 +146,7 @@ class COCODataModule(pl.LightningDataModule):
                 drop_last=True,
             )
         else:
-            sampler = DistributedSampler(
-                ds, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed
-            )
+            sampler = DistributedSampler(ds, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed)
             batch_sampler = BatchSampler(sampler, self.batch_size, drop_last=True)
         return DataLoader(ds, batch_sampler=batch_sampler, **self._loader_kwargs())
 

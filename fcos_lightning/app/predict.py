@@ -17,13 +17,15 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torchvision.io import write_png
 
+from fcos_lightning.app.config import build
 from fcos_lightning.convert.checkpoint import load_model
 from fcos_lightning.data.coco import CategoryMap, read_image
 from fcos_lightning.data.decode import quiet_tv_io
 from fcos_lightning.data.transforms import ResizeShortestEdge
-from fcos_lightning.inference import Predictor, optimize_for_inference
-from fcos_lightning.precision import resolve_precision
-from fcos_lightning.visualize import draw_detections
+from fcos_lightning.evaluation.visualize import draw_detections
+from fcos_lightning.runtime.optimize import optimize_for_inference
+from fcos_lightning.runtime.precision import resolve_precision
+from fcos_lightning.runtime.predictor import Predictor
 
 log = logging.getLogger("fcos_lightning.predict")
 
@@ -69,8 +71,6 @@ def detections_record(file: Path, image: Tensor, det: dict[str, Tensor], categor
 def predict(cfg: DictConfig) -> list[dict]:
     """Run ``cfg.ckpt_path`` on ``cfg.input`` (file or folder); writes ``<name>.json`` and ``<name>.png`` per
     image into ``cfg.output`` and returns the JSON records."""
-    from fcos_lightning.app import build
-
     files = list_images(cfg.input)
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,9 @@ Both detectors run the same weights: torchvision's randomly initialised model, c
 :func:`~fcos_lightning.convert.torchvision_to_fcos`. Sections (each a row of the table, ours | torchvision | ratio):
 
 - inference, ResNet-50 FPN P3-P7 at 800x1333 and FCOS_RT DLA-34 P3-P5 at 512x683, batch 1 and 8, end to end:
-  uint8 image in, detections out. Ours: :class:`~fcos_lightning.inference.Predictor` (pad, normalize on device,
+  uint8 image in, detections out. Ours: :class:`~fcos_lightning.runtime.predictor.Predictor` (pad, normalize on device,
   network under our default CPU precision, batched post-processing) on a model prepared by
-  :func:`~fcos_lightning.inference.optimize_for_inference`. torchvision: ``model([image / 255])`` in fp32
+  :func:`~fcos_lightning.runtime.optimize.optimize_for_inference`. torchvision: ``model([image / 255])`` in fp32
   (its transform: normalize, resize, batch; then network and post-processing).
 - training, batch 2, same models and sizes: forward, loss, backward, SGD step (ours under the Lightning
   ``precision=auto`` default and the preset's memory format, torchvision fp32).
@@ -24,7 +24,7 @@ reach if all its FLOPs ran at that peak. ``--device cuda`` runs the model sectio
 H100 targets). ``--quick`` is a short smoke run (one repeat; batch 8, R50 training and the
 variants left out). Results go to ``bench_results/speed.json``. Not a test: numbers depend on the machine.
 
-    python benchmark.py [--quick] [--repeats N] [--device cpu|cuda] [--output bench_results/speed.json]
+    python -m benchmarks.speed [--quick] [--repeats N] [--device cpu|cuda] [--output bench_results/speed.json]
 """
 
 from __future__ import annotations
@@ -52,12 +52,13 @@ from benchmarks import assign_targets
 from fcos_lightning.convert import TORCHVISION_GEOMETRY, torchvision_to_fcos
 from fcos_lightning.data.collate import pad_images
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
-from fcos_lightning.inference import Predictor, autocast, autocast_dtype, optimize_for_inference
-from fcos_lightning.lit_module import FCOSLitModule
+from fcos_lightning.lightning.module import FCOSLitModule
 from fcos_lightning.modeling.backbones import TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import FCOSHead
-from fcos_lightning.precision import resolve_precision
+from fcos_lightning.runtime.optimize import autocast, autocast_dtype, optimize_for_inference
+from fcos_lightning.runtime.precision import resolve_precision
+from fcos_lightning.runtime.predictor import Predictor
 
 TARGETS = {"inference": 3.0, "training": 2.0}  # ratios against torchvision fp32 (issue 5)
 # GPU (H100) minimums for ours: (section, model, batch) -> images/s. R-50 batch 1 <= 14 ms per image.
@@ -114,7 +115,7 @@ def preset_channels_last(model: str) -> bool:
     """Whether the ``model=<model>`` preset trains channels-last (``conf/model/<model>.yaml``)."""
     from omegaconf import OmegaConf
 
-    return bool(OmegaConf.load(Path(__file__).parent / "conf" / "model" / f"{model}.yaml").channels_last)
+    return bool(OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / f"{model}.yaml").channels_last)
 
 
 def resnet50_pair(train: bool) -> tuple[nn.Module, FCOS]:
@@ -470,7 +471,7 @@ def bench_coco_eval(num_images: int, repeats: int) -> list[dict]:
     from pycocotools.cocoeval import COCOeval
 
     from fcos_lightning.data.coco import CategoryMap
-    from fcos_lightning.evaluation import evaluate_coco
+    from fcos_lightning.evaluation.coco import evaluate_coco
 
     size = (480, 640)
     g = torch.Generator().manual_seed(3)
@@ -560,7 +561,7 @@ def format_row(r: dict) -> str:
 
 
 def machine() -> dict:
-    from fcos_lightning.precision import cpu_has_native_bf16
+    from fcos_lightning.runtime.precision import cpu_has_native_bf16
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):

@@ -17,10 +17,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_object
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["ConfigError", "check_config", "check_output_dir"]
+__all__ = ["ConfigError", "build", "check_config", "check_output_dir"]
 
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -144,3 +145,16 @@ def check_output_dir(output_dir: str | os.PathLike | None, key: str = "output_di
     except OSError as e:
         raise ConfigError(f"{key}={path}: cannot create or write the run directory ({e})") from None
     return path
+
+
+def build(cfg: DictConfig, **kwargs):
+    """``hydra.utils.instantiate`` that raises the constructor's own error (e.g. FileNotFoundError naming the
+    missing file) instead of Hydra's wrapper around it."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, TypeError):  # e.g. an unexpected keyword: name the config node
+            raise TypeError(f"{cfg._get_full_key(None) or cfg.get('_target_')}: {e.__cause__}") from None
+        if e.__cause__ is not None:
+            raise e.__cause__ from None
+        raise

@@ -1,0 +1,36 @@
+"""``validate_data(cfg)``: check a dataset before training (``validate_data.py``)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from fcos_lightning.app.config import build, check_config, check_output_dir
+from fcos_lightning.app.train import prepare_data
+from fcos_lightning.data.validate import FPNGeometry, ValidationReport, validate_split
+
+
+def validate_data(cfg: DictConfig) -> ValidationReport:
+    """Validate the configured splits (``validate_data.py``); prints the report, writes validation.json."""
+    check_config(cfg)
+    output_dir = check_output_dir(cfg.output_dir)
+    prepare_data(cfg.data)
+    model = build(cfg.model, num_classes=1)  # only its geometry is used
+    dm = cfg.data.datamodule
+    geometry = FPNGeometry(
+        strides=tuple(model.strides),
+        sizes_of_interest=tuple(model.sizes_of_interest),
+        center_sampling_radius=cfg.module.center_sampling_radius,
+        point_offset=model.point_offset,
+        test_min_size=dm.test_min_size,
+        test_max_size=dm.test_max_size,
+    )
+    v = cfg.validate
+    splits = [
+        validate_split(s, cfg.data[s].ann_file, cfg.data[s].img_dir, geometry, v.images, v.num_workers)
+        for s in v.splits
+    ]
+    report = ValidationReport(splits)
+    report.write_json(output_dir / "validation.json")
+    print(report.format())
+    print(f"wrote {output_dir / 'validation.json'}")
+    return report

@@ -1,0 +1,1 @@
+"""Scoring detections: COCO AP with pycocotools, and pictures of detections."""

@@ -1,0 +1,1 @@
+"""The Lightning layer: the LightningModule, the LightningDataModule, callbacks, checkpoint IO and SyncBN."""
