@@ -51,8 +51,8 @@ from torch import nn
 from benchmarks import assign_targets
 from fcos_lightning.convert import TORCHVISION_GEOMETRY, torchvision_to_fcos
 from fcos_lightning.data.collate import pad_images
+from fcos_lightning.fcos.criterion import FCOSCriterion
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
-from fcos_lightning.lightning.module import FCOSLitModule
 from fcos_lightning.modeling.backbones import TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import FCOSHead
@@ -305,21 +305,20 @@ def bench_training(
     precision = resolve_precision("auto", accelerator(device))
     imgs = [im.to(device) for im in images(batch, size)]
     targets = [{k: v.to(device) for k, v in t.items()} for t in random_targets(batch, size, num_classes)]
-    cats = {"cat_ids": list(range(1, num_classes + 1)), "names": [f"c{i}" for i in range(num_classes)]}
 
     def ours_step(channels_last: bool) -> Callable[[], None]:
         net = copy.deepcopy(model)
         net.channels_last = channels_last
         net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        module = FCOSLitModule(net, cats).train()
+        criterion = FCOSCriterion.for_model(net)
+        net.train()
         optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
         batch_images, sizes = pad_images(imgs, max(net.backbone.strides), device)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
 
         def step() -> None:
             with autocast(precision, device):
-                outputs = module(batch_images, sizes)
-                loss = module.compute_loss(outputs, module.points(outputs), targets)["loss"]
+                loss = sum(criterion(net(batch_images, sizes), targets).values())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -10,10 +10,7 @@ import torch
 from torchvision.ops import box_iou
 
 from fcos_lightning.data.collate import pad_images
-from fcos_lightning.fcos.loss import FCOSLoss
-from fcos_lightning.fcos.points import make_points
-from fcos_lightning.fcos.postprocess import flatten_level
-from fcos_lightning.fcos.targets import TargetAssigner
+from fcos_lightning.fcos.criterion import FCOSCriterion
 from fcos_lightning.modeling.backbones import TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import FCOSHead
@@ -41,15 +38,13 @@ def trained():
     torch.manual_seed(0)
     model = tiny_fcos()
     images, boxes, labels = make_batch()
-    assigner, criterion = TargetAssigner(model.strides), FCOSLoss(NUM_CLASSES)
+    criterion = FCOSCriterion.for_model(model)
+    targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels, strict=True)]
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
     for _ in range(STEPS):
         out = model(images)
-        points = make_points([x.shape[-2:] for x in out.cls_logits], model.strides, 0.5, "cpu")
-        gt = assigner(points, boxes, labels, NUM_CLASSES)
-        cat = [torch.cat([flatten_level(x) for x in levels], dim=1) for levels in out]
-        losses = criterion(cat[0], cat[1], cat[2][..., 0], gt.labels, gt.reg_targets)
+        losses = criterion(out, targets)
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()

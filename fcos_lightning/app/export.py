@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from fcos_lightning.app.config import build
 from fcos_lightning.convert.checkpoint import load_model
+from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.runtime.onnx import OnnxFCOS, check_against_pytorch, export_onnx, output_names, sample_batch
 
 log = logging.getLogger("fcos_lightning.export")
@@ -36,8 +37,7 @@ def export(cfg: DictConfig) -> dict:
     model = model.float().cpu()
     path = export_onnx(model, cfg.output, cfg.opset)
     log.info("wrote %s (opset %d) from %s", path, cfg.opset, cfg.ckpt_path)
-    postprocessor = build(run_cfg.module.postprocessor)
-    runner = OnnxFCOS(path, model.strides, model.point_offset, postprocessor)
+    runner = OnnxFCOS(path, FCOSDecoder.for_model(model, build(run_cfg.module.postprocessor)))
     checks = check_against_pytorch(model, runner, cfg.check_sizes, cfg.rtol, cfg.box_tol)
 
     test = run_cfg.data.datamodule

@@ -41,3 +41,13 @@ def make_points(
     """
     sizes = tuple((int(h), int(w)) for h, w in feature_sizes)
     return list(_cached_points(sizes, tuple(int(s) for s in strides), float(offset), str(torch.device(device))))
+
+
+def flatten_level(t: Tensor) -> Tensor:
+    """``[B, K, H, W]`` -> ``[B, H*W, K]`` (row-major, matching the point grids)."""
+    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, t.shape[1])
+
+
+def flatten_levels(levels: Sequence[Tensor]) -> Tensor:
+    """Per-level ``[B, K, H_l, W_l]`` -> ``[B, R, K]``, levels concatenated in the order of the grids."""
+    return torch.cat([flatten_level(x) for x in levels], dim=1)

@@ -15,10 +15,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-
-def flatten_level(t: Tensor) -> Tensor:
-    """``[B, K, H, W]`` -> ``[B, H*W, K]`` (row-major, matching the point grids)."""
-    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, t.shape[1])
+from fcos_lightning.fcos.points import flatten_level
 
 
 class FCOSPostProcessor:
@@ -49,6 +46,17 @@ class FCOSPostProcessor:
         self.nms_thresh = nms_thresh
         self.max_detections = max_detections
         self.clip_before_nms = clip_before_nms
+
+    def settings(self) -> dict[str, float | int | bool]:
+        """The constructor arguments as plain values (saved in checkpoints)."""
+        return {
+            "score_thresh": self.score_thresh,
+            "thresh_with_ctr": self.thresh_with_ctr,
+            "pre_nms_topk": self.pre_nms_topk,
+            "nms_thresh": self.nms_thresh,
+            "max_detections": self.max_detections,
+            "clip_before_nms": self.clip_before_nms,
+        }
 
     @torch.no_grad()
     def __call__(

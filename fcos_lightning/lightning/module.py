@@ -20,10 +20,9 @@ from torch import Tensor, nn
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.evaluation.coco import METRIC_NAMES, evaluate_coco, gather_detections, to_coco_results
 from fcos_lightning.evaluation.visualize import detection_grid
-from fcos_lightning.fcos.loss import FCOSLoss
-from fcos_lightning.fcos.points import make_points
-from fcos_lightning.fcos.postprocess import FCOSPostProcessor, flatten_level
-from fcos_lightning.fcos.targets import TargetAssigner
+from fcos_lightning.fcos.criterion import FCOSCriterion
+from fcos_lightning.fcos.decoder import FCOSDecoder
+from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.files import write_json_atomic
 from fcos_lightning.lightning.nonfinite import (
     ON_NONFINITE_LOSS,
@@ -55,7 +54,8 @@ class FCOSLitModule(pl.LightningModule):
         model: the network (its ``strides``, ``sizes_of_interest`` and ``point_offset`` define the geometry).
         category_map: ``CategoryMap.to_dict()`` of the training data; saved in every checkpoint.
         postprocessor: inference settings (AdelaiDet defaults when None).
-        center_sampling_radius, box_loss_type, focal_alpha, focal_gamma: target and loss settings.
+        center_sampling_radius, inclusive_ranges, box_loss_type, focal_alpha, focal_gamma: target and loss
+            settings (:class:`~fcos_lightning.fcos.criterion.FCOSCriterion`).
         lr: learning rate after warmup (already scaled to the global batch by the caller).
         momentum, weight_decay: SGD settings; ``weight_decay_norm`` applies to norm layers (0 in AdelaiDet).
         warmup_iters, warmup_factor, milestones, gamma: the WarmupMultiStepLR schedule, in optimizer steps.
@@ -73,6 +73,7 @@ class FCOSLitModule(pl.LightningModule):
         category_map: dict,
         postprocessor: FCOSPostProcessor | None = None,
         center_sampling_radius: float = 1.5,
+        inclusive_ranges: bool = True,
         box_loss_type: str = "giou",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
@@ -100,9 +101,15 @@ class FCOSLitModule(pl.LightningModule):
             raise ValueError(
                 f"the model has {model.num_classes} classes but the category map has {self.category_map.num_classes}"
             )
-        self.assigner = TargetAssigner(model.strides, model.sizes_of_interest, center_sampling_radius)
-        self.loss_fn = FCOSLoss(model.num_classes, box_loss_type, focal_alpha, focal_gamma)
-        self.postprocessor = postprocessor or FCOSPostProcessor()
+        self.criterion = FCOSCriterion.for_model(
+            model,
+            center_sampling_radius=center_sampling_radius,
+            inclusive_ranges=inclusive_ranges,
+            box_loss_type=box_loss_type,
+            focal_alpha=focal_alpha,
+            focal_gamma=focal_gamma,
+        )
+        self.decoder = FCOSDecoder.for_model(model, postprocessor)
         self.lr, self.momentum = lr, momentum
         self.weight_decay, self.weight_decay_norm = weight_decay, weight_decay_norm
         self.warmup_iters, self.warmup_factor = warmup_iters, warmup_factor
@@ -125,47 +132,16 @@ class FCOSLitModule(pl.LightningModule):
     def forward(self, images: Tensor, image_sizes: Tensor | None = None):
         return self.model(images, image_sizes)
 
-    def points(self, outputs) -> list[Tensor]:
-        sizes = [x.shape[-2:] for x in outputs.cls_logits]
-        return make_points(sizes, self.model.strides, self.model.point_offset, outputs.cls_logits[0].device)
-
-    def compute_loss(self, outputs, points: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
-        gt = self.assigner(
-            points,
-            [t["boxes"] for t in targets],
-            [t["labels"] for t in targets],
-            self.model.num_classes,
-            [t["iscrowd"] for t in targets] if targets and "iscrowd" in targets[0] else None,
-        )
-
-        def cat(levels: list[Tensor]) -> Tensor:
-            return torch.cat([flatten_level(x) for x in levels], dim=1)
-
-        losses = self.loss_fn(
-            cat(outputs.cls_logits),
-            cat(outputs.box_reg),
-            cat(outputs.centerness)[..., 0],
-            gt.labels,
-            gt.reg_targets,
-        )
+    def compute_loss(self, outputs, targets: list[dict]) -> dict[str, Tensor]:
+        """The criterion's loss terms and their sum ``loss``."""
+        losses = self.criterion(outputs, targets)
         losses["loss"] = losses["loss_cls"] + losses["loss_box"] + losses["loss_ctr"]
         return losses
-
-    def detect(self, outputs, points: list[Tensor], image_sizes: Tensor, orig_sizes: Tensor | None):
-        return self.postprocessor(
-            outputs.cls_logits,
-            outputs.box_reg,
-            outputs.centerness,
-            points,
-            self.model.strides,
-            image_sizes,
-            orig_sizes,
-        )
 
     # ---- training -----------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         outputs = self(batch["images"], batch["image_sizes"])
-        losses = self.compute_loss(outputs, self.points(outputs), batch["targets"])
+        losses = self.compute_loss(outputs, batch["targets"])
         if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(losses["loss"])), all=False):
             return self._nonfinite_loss(batch, losses)
         bs = batch["images"].shape[0]
@@ -188,11 +164,10 @@ class FCOSLitModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         outputs = self(batch["images"], batch["image_sizes"])
-        points = self.points(outputs)
-        losses = self.compute_loss(outputs, points, batch["targets"])
+        losses = self.compute_loss(outputs, batch["targets"])
         bs = batch["images"].shape[0]
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=bs, sync_dist=True)
-        detections = self.detect(outputs, points, batch["image_sizes"], batch["orig_sizes"])
+        detections = self.decoder(outputs, batch["image_sizes"], batch["orig_sizes"])
         ids = batch["image_ids"].tolist()
         self._val_results.extend(to_coco_results(ids, detections, self.category_map))
         self._val_image_ids.extend(ids)

@@ -1,9 +1,9 @@
-"""ONNX export of a checkpoint of ours, verified against PyTorch with onnxruntime as part of the export.
+"""The ONNX backend: export the network, run it with onnxruntime, and check it against PyTorch.
 
 The split: the ONNX graph is the network (normalization with padding masked to the mean pixel, backbone, FPN,
 head) with dynamic batch, height and width; its outputs are the raw per-level head outputs. Decoding, the
-score threshold, NMS and the rescale to original pixels run outside the graph, in
-:class:`~fcos_lightning.fcos.postprocess.FCOSPostProcessor` (torch) on those outputs (:class:`OnnxFCOS`), so
+score threshold, NMS and the rescale to original pixels run outside the graph, in the same
+:class:`~fcos_lightning.fcos.decoder.FCOSDecoder` (torch) as PyTorch inference (:class:`OnnxFCOS`), so
 exported and PyTorch detections come from the same post-processing code. Inputs: ``images`` float32
 ``[B, 3, H, W]`` RGB 0-255 padded bottom/right to a multiple of the coarsest stride, ``image_sizes`` int64
 ``[B, 2]`` (h, w) of the valid region.
@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fcos_lightning.fcos.points import make_points
-from fcos_lightning.fcos.postprocess import FCOSPostProcessor
+from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.modeling.head import HeadOutputs
 
 log = logging.getLogger("fcos_lightning.export")
@@ -71,31 +70,21 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = 17) -> Path:
 
 
 class OnnxFCOS:
-    """Detections from an exported model: onnxruntime runs the network, :class:`FCOSPostProcessor` the rest.
+    """Detections from an exported model: onnxruntime runs the network, :class:`FCOSDecoder` the rest.
 
     Args:
         path: the ``.onnx`` file.
-        strides: the model's level strides (``FCOS.strides``), point_offset: its ``point_offset``.
-        postprocessor: the checkpoint's post-processing settings.
+        decoder: the model's decoder (``FCOSDecoder.for_model(model, postprocessor)``).
         threads: onnxruntime intra-op threads (0: its default).
     """
 
-    def __init__(
-        self,
-        path: str | Path,
-        strides: Sequence[int],
-        point_offset: float,
-        postprocessor: FCOSPostProcessor,
-        threads: int = 0,
-    ) -> None:
+    def __init__(self, path: str | Path, decoder: FCOSDecoder, threads: int = 0) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.strides = list(strides)
-        self.point_offset = point_offset
-        self.postprocessor = postprocessor
+        self.decoder = decoder
 
     def raw(self, images: Tensor, image_sizes: Tensor) -> HeadOutputs:
         """Per-level head outputs for a padded float ``[B, 3, H, W]`` batch and its valid sizes."""
@@ -106,11 +95,7 @@ class OnnxFCOS:
         return HeadOutputs(tensors[0::3], tensors[1::3], tensors[2::3])
 
     def __call__(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor | None = None) -> list[dict]:
-        outputs = self.raw(images, image_sizes)
-        points = make_points([x.shape[-2:] for x in outputs.cls_logits], self.strides, self.point_offset, "cpu")
-        return self.postprocessor(
-            outputs.cls_logits, outputs.box_reg, outputs.centerness, points, self.strides, image_sizes, orig_sizes
-        )
+        return self.decoder(self.raw(images, image_sizes), image_sizes, orig_sizes)
 
 
 def sample_batch(height: int, width: int, divisibility: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -154,10 +139,7 @@ def check_against_pytorch(
                         f"{tuple(b.shape)}, max abs diff {err:.3g} > {bound:.3g}"
                     )
                 raw_err = max(raw_err, err)
-        points = make_points([x.shape[-2:] for x in ours.cls_logits], model.strides, model.point_offset, "cpu")
-        det_torch = runner.postprocessor(
-            ours.cls_logits, ours.box_reg, ours.centerness, points, model.strides, image_sizes
-        )[0]
+        det_torch = runner.decoder(ours, image_sizes)[0]
         det_onnx = runner(images, image_sizes)[0]
         n = len(det_torch["boxes"])
         if len(det_onnx["boxes"]) != n:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from fcos_lightning.data.collate import pad_images
-from fcos_lightning.fcos.points import make_points
+from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.runtime.optimize import autocast, autocast_dtype
@@ -38,7 +38,7 @@ class Predictor:
         compile: bool = False,
     ) -> None:
         self.model = model.eval()
-        self.postprocessor = postprocessor or FCOSPostProcessor()
+        self.decoder = FCOSDecoder.for_model(model, postprocessor)
         device = next(model.parameters()).device
         self.device = device
         self.precision = resolve_precision(precision, "cpu" if device.type == "cpu" else "gpu")
@@ -72,8 +72,4 @@ class Predictor:
             batch, image_sizes = self.pad(images)
         with autocast(self.precision, self.device):
             outputs = self.network(batch, image_sizes)
-        sizes = [x.shape[-2:] for x in outputs.cls_logits]
-        points = make_points(sizes, self.model.strides, self.model.point_offset, self.device)
-        return self.postprocessor(
-            outputs.cls_logits, outputs.box_reg, outputs.centerness, points, self.model.strides, image_sizes, orig_sizes
-        )
+        return self.decoder(outputs, image_sizes, orig_sizes)

@@ -68,7 +68,7 @@ def _forward(cfg, tmp_path) -> None:
     for logits, reg, ctr, s in zip(out.cls_logits, out.box_reg, out.centerness, strides, strict=True):
         assert logits.shape == (1, 3, -(-96 // s), -(-128 // s))
         assert reg.shape[1] == 4 and ctr.shape[1] == 1 and (reg >= 0).all()
-    dets = module.detect(out, module.points(out), torch.tensor([[96, 120]]), torch.tensor([[192, 240]]))
+    dets = module.decoder(out, torch.tensor([[96, 120]]), torch.tensor([[192, 240]]))
     assert len(dets) == 1 and set(dets[0]) == {"boxes", "scores", "labels"}
 
 

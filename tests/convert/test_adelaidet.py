@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from fcos_lightning.app.config import build
-from fcos_lightning.convert.adelaidet import adelaidet_to_fcos, detect_architecture
 from fcos_lightning.app.convert import compose_run_config, convert_checkpoint
+from fcos_lightning.convert.adelaidet import adelaidet_to_fcos, detect_architecture
 from fcos_lightning.convert.checkpoint import (
     convert_state_dict,
     load_checkpoint,

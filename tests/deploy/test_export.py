@@ -13,7 +13,7 @@ import torch
 from fcos_lightning.app.config import build
 from fcos_lightning.app.export import export
 from fcos_lightning.convert.checkpoint import load_model
-from fcos_lightning.fcos.points import make_points
+from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.runtime.onnx import OnnxFCOS, check_against_pytorch, sample_batch
 from tests.conftest import compose_config
 
@@ -56,13 +56,13 @@ def test_onnx_detections_equal_pytorch_at_several_sizes(exported, tiny_ckpt):
 
     # independently of export()'s own check: detections through onnxruntime vs the PyTorch pipeline
     model, _, run_cfg = load_model(tiny_ckpt)
-    runner = OnnxFCOS(report["onnx"], model.strides, model.point_offset, build(run_cfg.module.postprocessor))
+    decoder = FCOSDecoder.for_model(model, build(run_cfg.module.postprocessor))
+    runner = OnnxFCOS(report["onnx"], decoder)
     for h, w in SIZES:
         images, image_sizes = sample_batch(h, w, model.size_divisibility, seed=h)
         with torch.no_grad():
             out = model(images, image_sizes)
-        points = make_points([x.shape[-2:] for x in out.cls_logits], model.strides, model.point_offset, "cpu")
-        ref = runner.postprocessor(out.cls_logits, out.box_reg, out.centerness, points, model.strides, image_sizes)[0]
+        ref = decoder(out, image_sizes)[0]
         got = runner(images, image_sizes)[0]
         assert 5 < len(ref["boxes"]) < 100, "the check needs detections, below the cap"
         assert len(got["boxes"]) == len(ref["boxes"])
@@ -81,6 +81,6 @@ def test_export_check_fails_loudly_on_a_mismatch(exported, tiny_ckpt):
     model, _, run_cfg = load_model(tiny_ckpt)
     with torch.no_grad():
         model.head.bbox_pred.bias.add_(0.5)  # PyTorch model now differs from the exported one
-    runner = OnnxFCOS(report["onnx"], model.strides, model.point_offset, build(run_cfg.module.postprocessor))
+    runner = OnnxFCOS(report["onnx"], FCOSDecoder.for_model(model, build(run_cfg.module.postprocessor)))
     with pytest.raises(RuntimeError, match=r"ONNX mismatch at 128x128: box_reg"):
         check_against_pytorch(model, runner, [[128, 128]])

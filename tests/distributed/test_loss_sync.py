@@ -57,7 +57,7 @@ def make_batch(num_images: int = 4, size: int = 128):
 
 def loss_and_grads(module: FCOSLitModule, network, images, sizes, targets) -> tuple[dict, dict]:
     outputs = network(images, sizes)
-    losses = module.compute_loss(outputs, module.points(outputs), targets)
+    losses = module.compute_loss(outputs, targets)
     losses["loss"].backward()
     grads = {n: p.grad.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
     return {k: v.detach() for k, v in losses.items()}, grads
@@ -87,7 +87,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         for _ in range(3):  # a parameter without gradient would fail DDP's reduction at the next step
             optimizer.zero_grad(set_to_none=True)
             outputs = ddp(images[part], sizes[part])
-            module.compute_loss(outputs, module.points(outputs), targets[part])["loss"].backward()
+            module.compute_loss(outputs, targets[part])["loss"].backward()
             missing += [n for n, p in module.model.named_parameters() if p.requires_grad and p.grad is None]
             optimizer.step()
         result["missing_grads"] = missing

@@ -7,10 +7,7 @@ import functools
 import pytest
 import torch
 
-from fcos_lightning.fcos.loss import FCOSLoss
-from fcos_lightning.fcos.points import make_points
-from fcos_lightning.fcos.postprocess import flatten_level
-from fcos_lightning.fcos.targets import TargetAssigner
+from fcos_lightning.fcos.criterion import FCOSCriterion
 from fcos_lightning.modeling.backbones import TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import FCOSHead
@@ -43,23 +40,15 @@ def test_tiny_fcos_overfits_two_images():
     head = functools.partial(FCOSHead, norm="GN", num_cls_convs=2, num_box_convs=2)
     model = FCOS(backbone, head, NUM_CLASSES, fpn_channels=32, top_levels=2)
     images, boxes, labels = make_batch()
-    assigner = TargetAssigner(model.strides)
-    criterion = FCOSLoss(NUM_CLASSES)
+    criterion = FCOSCriterion.for_model(model)
+    targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels, strict=True)]
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     history = []
     model.train()
     for _ in range(50):
         out = model(images)
-        points = make_points([x.shape[-2:] for x in out.cls_logits], model.strides, 0.5, images.device)
-        targets = assigner(points, boxes, labels, NUM_CLASSES)
-        assert (targets.labels < NUM_CLASSES).sum() > 20  # every box has positives
-        losses = criterion(
-            torch.cat([flatten_level(x) for x in out.cls_logits], dim=1),
-            torch.cat([flatten_level(x) for x in out.box_reg], dim=1),
-            torch.cat([flatten_level(x) for x in out.centerness], dim=1)[..., 0],
-            targets.labels,
-            targets.reg_targets,
-        )
+        assert (criterion.assign(out, targets).labels < NUM_CLASSES).sum() > 20  # every box has positives
+        losses = criterion(out, targets)
         total = sum(losses.values())
         optimizer.zero_grad()
         total.backward()

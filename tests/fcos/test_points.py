@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fcos_lightning.fcos.points import level_points, make_points
-from fcos_lightning.fcos.postprocess import flatten_level
+from fcos_lightning.fcos.points import flatten_level, level_points, make_points
 
 
 @pytest.mark.parametrize("stride", [8, 16, 32, 64, 128])

@@ -23,8 +23,9 @@ from fcos_lightning.convert import (
     load_torchvision_weights,
     torchvision_to_fcos,
 )
-from fcos_lightning.fcos.points import make_points
-from fcos_lightning.fcos.postprocess import FCOSPostProcessor, flatten_level
+from fcos_lightning.fcos.decoder import FCOSDecoder
+from fcos_lightning.fcos.points import flatten_level, make_points
+from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.modeling.backbones import TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import FCOSHead
@@ -191,10 +192,9 @@ def test_per_level_outputs_match(run):
 
 def _postprocess(run, **overrides):
     ours, outputs = run["ours"], run["outputs"]
-    points = make_points([x.shape[-2:] for x in outputs.cls_logits], ours.strides, 0.0, "cpu")
     post = FCOSPostProcessor(**{**TORCHVISION_GEOMETRY.postprocessor_kwargs(), **overrides})
-    sizes = torch.tensor([[HEIGHT, WIDTH]] * 2)
-    return post(outputs.cls_logits, outputs.box_reg, outputs.centerness, points, ours.strides, sizes)
+    decoder = FCOSDecoder(ours.strides, TORCHVISION_GEOMETRY.point_offset, post)
+    return decoder(outputs, torch.tensor([[HEIGHT, WIDTH]] * 2))
 
 
 def test_detections_match(run):
