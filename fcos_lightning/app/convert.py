@@ -2,7 +2,8 @@
 
 The target network is composed from ``conf/train.yaml`` with the overrides that rebuild the source network
 (``fcos_lightning.convert``), built with random weights, and the converted weights are loaded into it strictly,
-so the written checkpoint is known to load.
+so the written checkpoint is known to load. The checkpoint has the format training writes
+(:mod:`fcos_lightning.checkpoint`), with ``source.kind = "converted"``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
-from fcos_lightning.app.config import build
-from fcos_lightning.convert.checkpoint import _category_map, convert_state_dict, load_state_dict_file, match_to_model
+from fcos_lightning.app.train import build_module
+from fcos_lightning.convert.checkpoint import (
+    convert_state_dict,
+    converted_category_map,
+    load_state_dict_file,
+    match_to_model,
+)
 
 log = logging.getLogger("fcos_lightning.convert")
 
@@ -44,22 +49,18 @@ def convert_checkpoint(
     """
     state = load_state_dict_file(input_path)
     conversion, overrides, num_classes = convert_state_dict(source_format, state, stride_in_1x1)
-    run_config = compose_run_config(overrides)
-    model: nn.Module = build(OmegaConf.create(run_config["model"]), num_classes=num_classes)
-    matched, report = match_to_model(conversion, model.state_dict())
-    model.load_state_dict(matched, strict=True)
-    category_map = _category_map(num_classes)
-    ckpt = {
-        "state_dict": {f"model.{k}": v.contiguous() for k, v in matched.items()},
-        "category_map": category_map.to_dict(),
-        "fcos_config": run_config,
-        "converted_from": {
-            "format": source_format,
-            "file": str(Path(input_path).resolve()),
-            "dropped_keys": report.dropped,
-            "filled_keys": report.filled,
-        },
-    }
+    cfg = OmegaConf.create(compose_run_config(overrides))
+    category_map = converted_category_map(num_classes)
+    module = build_module(cfg, num_classes, category_map, None, source={"kind": "converted"})
+    matched, report = match_to_model(conversion, module.model.state_dict())
+    module.model.load_state_dict(matched, strict=True)
+    module.source.update(
+        format=source_format,
+        file=str(Path(input_path).resolve()),
+        dropped_keys=report.dropped,
+        filled_keys=report.filled,
+    )
+    ckpt = {**module.checkpoint_header(), "state_dict": {f"model.{k}": v.contiguous() for k, v in matched.items()}}
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, output_path)
@@ -73,7 +74,7 @@ def convert_checkpoint(
     )
     for why in sorted(set(report.dropped.values())):
         keys = [k for k, w in report.dropped.items() if w == why]
-        shown = keys if len(keys) <= 12 else [*keys[:12], "..."]  # all of them under converted_from.dropped_keys
+        shown = keys if len(keys) <= 12 else [*keys[:12], "..."]  # all of them under source.dropped_keys
         log.info("dropped %d source keys (%s): %s", len(keys), why, shown)
     if report.filled:
         log.info("%d BatchNorm counters not in the file start at 0: %s", len(report.filled), report.filled)

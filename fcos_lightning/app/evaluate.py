@@ -8,14 +8,15 @@ import time
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from fcos_lightning.app.config import build, check_config, check_output_dir
-from fcos_lightning.app.train import build_module
-from fcos_lightning.convert.checkpoint import load_checkpoint, model_state
+from fcos_lightning.app.config import check_config, check_output_dir
+from fcos_lightning.checkpoint import load_checkpoint, load_network
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.evaluation.coco import METRIC_NAMES, format_table
+from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.files import write_json_atomic
+from fcos_lightning.lightning.datamodule import COCODataModule
 from fcos_lightning.lightning.module import FCOSLitModule
 from fcos_lightning.runtime.optimize import optimize_for_inference
 from fcos_lightning.runtime.precision import resolve_precision
@@ -26,30 +27,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     output_dir = check_output_dir(cfg.output_dir)
     ckpt = load_checkpoint(cfg.ckpt_path)
-    run_cfg = OmegaConf.create(ckpt["fcos_config"])
-    run_cfg.output_dir = str(output_dir)
-    run_cfg.module.num_vis_images = cfg.num_pictures
-    dm_cfg = run_cfg.data.datamodule
-    overrides = {
-        "val_ann_file": cfg.data.val.ann_file,
-        "val_img_dir": cfg.data.val.img_dir,
-        "val_batch_size": cfg.data.val_batch_size,
-        "num_workers": cfg.data.num_workers,
-        "test_min_size": cfg.data.test_min_size,
-        "test_max_size": cfg.data.test_max_size,
-    }
-    dm_cfg.update({k: v for k, v in overrides.items() if v is not None})
-    # The class map comes from the checkpoint; read categories from the val file (train data may be absent).
-    dm_cfg.train_ann_file, dm_cfg.train_img_dir = dm_cfg.val_ann_file, dm_cfg.val_img_dir
-    category_map = CategoryMap.from_dict(ckpt["category_map"])
-    datamodule = build(dm_cfg)
+    category_map = CategoryMap.from_dict(ckpt["classes"])
+    model = load_network(ckpt)
+    datamodule = val_datamodule(cfg, ckpt, model.size_divisibility)
     if datamodule.category_map != category_map:
         raise ValueError(
-            f"{dm_cfg.val_ann_file}: categories {list(datamodule.category_map.cat_ids)} differ from the "
+            f"{datamodule.val_ann_file}: categories {list(datamodule.category_map.cat_ids)} differ from the "
             f"checkpoint's {list(category_map.cat_ids)} ({cfg.ckpt_path})"
         )
-    module: FCOSLitModule = build_module(run_cfg, category_map.num_classes, category_map, None)
-    module.model.load_state_dict(model_state(ckpt))
+    module = FCOSLitModule(
+        model,
+        category_map.to_dict(),
+        postprocessor=FCOSPostProcessor(**ckpt["postprocess"]),
+        **ckpt["criterion"],
+        num_vis_images=cfg.num_pictures,
+        output_dir=str(output_dir),
+    )
     precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     # The fast inference path: BN folded into convs, channels-last, conv weights stored in the autocast dtype.
     optimize_for_inference(module.model, precision=precision, cpu_micro_batch=cfg.cpu_micro_batch)
@@ -70,3 +63,29 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         print(f"{num_images} images in {elapsed:.1f} s: {metrics['images_per_second']:.2f} images/s end to end")
         print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'detections.json'}")
     return metrics
+
+
+def val_datamodule(cfg: DictConfig, ckpt: dict, size_divisibility: int) -> COCODataModule:
+    """The val split of ``cfg.data`` (each null key: what the checkpoint records), resized as the checkpoint's
+    test pipeline. The class map is read from the val file, as the train files may be absent."""
+    recorded = ckpt["source"].get("data", {})
+    resize = ckpt["test_resize"] or {}
+
+    def pick(value, recorded_value, key: str):
+        if value is None and recorded_value is None:
+            raise ValueError(f"{cfg.ckpt_path} records no {key}: set {key}=...")
+        return recorded_value if value is None else value
+
+    ann_file = pick(cfg.data.val.ann_file, recorded.get("val_ann_file"), "data.val.ann_file")
+    img_dir = pick(cfg.data.val.img_dir, recorded.get("val_img_dir"), "data.val.img_dir")
+    return COCODataModule(
+        train_ann_file=ann_file,
+        train_img_dir=img_dir,
+        val_ann_file=ann_file,
+        val_img_dir=img_dir,
+        test_min_size=pick(cfg.data.test_min_size, resize.get("min_size"), "data.test_min_size"),
+        test_max_size=pick(cfg.data.test_max_size, resize.get("max_size"), "data.test_max_size"),
+        val_batch_size=pick(cfg.data.val_batch_size, recorded.get("val_batch_size", 1), "data.val_batch_size"),
+        num_workers=pick(cfg.data.num_workers, recorded.get("num_workers", 2), "data.num_workers"),
+        size_divisibility=size_divisibility,
+    )

@@ -9,8 +9,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from fcos_lightning.app.config import build
-from fcos_lightning.convert.checkpoint import load_model
+from fcos_lightning.checkpoint import load_model
 from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.runtime.onnx import OnnxFCOS, check_against_pytorch, export_onnx, output_names, sample_batch
 
@@ -33,15 +32,15 @@ def export(cfg: DictConfig) -> dict:
     (also written next to the model as ``<name>.json``)."""
     if cfg.format != "onnx":
         raise ValueError(f"format={cfg.format!r}: only onnx is supported")
-    model, category_map, run_cfg = load_model(cfg.ckpt_path)
+    model, category_map, postprocessor, ckpt = load_model(cfg.ckpt_path)
     model = model.float().cpu()
     path = export_onnx(model, cfg.output, cfg.opset)
     log.info("wrote %s (opset %d) from %s", path, cfg.opset, cfg.ckpt_path)
-    runner = OnnxFCOS(path, FCOSDecoder.for_model(model, build(run_cfg.module.postprocessor)))
+    runner = OnnxFCOS(path, FCOSDecoder.for_model(model, postprocessor))
     checks = check_against_pytorch(model, runner, cfg.check_sizes, cfg.rtol, cfg.box_tol)
 
-    test = run_cfg.data.datamodule
-    h, w = cfg.bench_size if cfg.bench_size is not None else (test.test_min_size, test.test_min_size * 4 // 3)
+    short = (ckpt["test_resize"] or {}).get("min_size", 800)
+    h, w = cfg.bench_size if cfg.bench_size is not None else (short, short * 4 // 3)
     images, image_sizes = sample_batch(int(h), int(w), model.size_divisibility)
     with torch.no_grad():
         torch_s = time_runs(lambda: model(images, image_sizes), cfg.bench_runs)
@@ -70,7 +69,7 @@ def export(cfg: DictConfig) -> dict:
         "point_offset": model.point_offset,
         "size_divisibility": model.size_divisibility,
         "category_map": category_map.to_dict(),
-        "postprocessor": dict(run_cfg.module.postprocessor),
+        "postprocessor": postprocessor.settings(),
         "checks": checks,
         "speed": speed,
     }

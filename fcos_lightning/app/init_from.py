@@ -16,16 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from fcos_lightning.convert.checkpoint import load_checkpoint, model_state
+from fcos_lightning.checkpoint import load_checkpoint, model_state
 from fcos_lightning.data.coco import CategoryMap
+from fcos_lightning.modeling.build import model_description
+from fcos_lightning.modeling.detector import FCOS
 
 log = logging.getLogger("fcos_lightning.init_from")
 
 CLASSIFIER = "head.cls_logits."
-#: run-config fields the weights were trained for; a difference is legal but worth a warning.
-GEOMETRY = ("point_offset", "backbone.name", "backbone.stride_in_1x1", "head.use_scale", "head.norm")
+#: model description fields the weights were trained for; a difference is legal but worth a warning.
+TRAINED_FOR = ("point_offset", "backbone.name", "backbone.stride_in_1x1", "head.use_scale", "head.norm")
 
 
 @dataclass
@@ -60,23 +61,21 @@ class InitReport:
         return "\n".join(lines)
 
 
-def _get(cfg: dict, dotted: str):
+def _get(description: dict, dotted: str):
     for part in dotted.split("."):
-        cfg = cfg.get(part) if isinstance(cfg, dict) else None
-    return cfg
+        description = description.get(part) if isinstance(description, dict) else None
+    return description
 
 
-def init_from_checkpoint(
-    model: nn.Module, path: str | Path, category_map: CategoryMap, run_model_cfg: dict | None = None
-) -> InitReport:
+def init_from_checkpoint(model: FCOS, path: str | Path, category_map: CategoryMap) -> InitReport:
     """Load ``path``'s matching weights into ``model`` (built for ``category_map``); logs and returns the report.
 
-    ``run_model_cfg`` (this run's resolved ``model`` config) is compared with the checkpoint's to warn about a
-    geometry the weights were not trained for (point offset, stride placement, ...).
+    The two networks' descriptions are compared to warn about settings the weights were not trained for (point
+    offset, stride placement, head norm, ...).
     """
     ckpt = load_checkpoint(path)
     source = model_state(ckpt)
-    source_map = CategoryMap.from_dict(ckpt["category_map"])
+    source_map = CategoryMap.from_dict(ckpt["classes"])
     same_classes = source_map == category_map
     own = model.state_dict()
     report = InitReport()
@@ -98,9 +97,9 @@ def init_from_checkpoint(
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
 
-    source_cfg = (ckpt.get("fcos_config") or {}).get("model", {})
-    for name in GEOMETRY if run_model_cfg is not None else ():
-        theirs, ours = _get(source_cfg, name), _get(run_model_cfg, name)
+    own_description = model_description(model)
+    for name in TRAINED_FOR:
+        theirs, ours = _get(ckpt["model"], name), _get(own_description, name)
         if theirs is not None and theirs != ours:
             log.warning("init_from: %s was trained with model.%s=%s, this run uses %s", path, name, theirs, ours)
     unexpected = {k: v for k, v in report.reinitialized.items() if not k.startswith(CLASSIFIER)}

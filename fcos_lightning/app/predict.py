@@ -17,8 +17,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torchvision.io import write_png
 
-from fcos_lightning.app.config import build
-from fcos_lightning.convert.checkpoint import load_model
+from fcos_lightning.checkpoint import load_model
 from fcos_lightning.data.coco import CategoryMap, read_image
 from fcos_lightning.data.decode import quiet_tv_io
 from fcos_lightning.data.transforms import ResizeShortestEdge
@@ -76,14 +75,16 @@ def predict(cfg: DictConfig) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
-    model, category_map, run_cfg = load_model(cfg.ckpt_path)
+    model, category_map, postprocessor, ckpt = load_model(cfg.ckpt_path)
     precision = resolve_precision(cfg.precision, "cpu" if device.type == "cpu" else "gpu")
     # The fast path evaluate.py runs: BN folded, channels-last, conv weights in the autocast dtype.
     model = optimize_for_inference(model.to(device), precision=precision)
-    predictor = Predictor(model, build(run_cfg.module.postprocessor), precision=precision)
-    test = run_cfg.data.datamodule
-    min_size = cfg.test_min_size if cfg.test_min_size is not None else test.test_min_size
-    max_size = cfg.test_max_size if cfg.test_max_size is not None else test.test_max_size
+    predictor = Predictor(model, postprocessor, precision=precision)
+    test = ckpt["test_resize"] or {}
+    min_size = cfg.test_min_size if cfg.test_min_size is not None else test.get("min_size")
+    max_size = cfg.test_max_size if cfg.test_max_size is not None else test.get("max_size")
+    if min_size is None or max_size is None:
+        raise ValueError(f"{cfg.ckpt_path} records no test resize: set test_min_size= and test_max_size=")
     resize = ResizeShortestEdge((int(min_size),), int(max_size), sample=False)
     thresh = cfg.score_thresh
     log.info("%s: %d images, test resize %d/%d, score >= %s", cfg.ckpt_path, len(files), min_size, max_size, thresh)

@@ -89,9 +89,31 @@ def prepare_data(data_cfg: DictConfig) -> None:
                 raise ValueError(f"demo dataset wrote {key}={paths[key]} but the config expects {path}")
 
 
-def build_module(cfg: DictConfig, num_classes: int, category_map: CategoryMap, schedule: Schedule | None):
-    """The LightningModule for ``cfg`` with a freshly initialised network."""
+def data_source(data_cfg: DictConfig) -> dict:
+    """The val split and loader settings a checkpoint records (``evaluate.py``'s defaults for it)."""
+    dm = data_cfg.datamodule
+    return {
+        "val_ann_file": str(dm.val_ann_file),
+        "val_img_dir": str(dm.val_img_dir),
+        "val_batch_size": int(dm.val_batch_size),
+        "num_workers": int(dm.num_workers),
+    }
+
+
+def build_module(
+    cfg: DictConfig,
+    num_classes: int,
+    category_map: CategoryMap,
+    schedule: Schedule | None,
+    source: dict | None = None,
+):
+    """The LightningModule for ``cfg`` with a freshly initialised network. ``source``: where its weights come
+    from, recorded in its checkpoints (a trained run by default)."""
     model = build(cfg.model, num_classes=num_classes)
+    if source is None:
+        source = {"kind": "trained", "output_dir": str(cfg.output_dir), "init_from": cfg.get("init_from")}
+    source = {**source, "data": data_source(cfg.data)}
+    dm = cfg.data.datamodule
     extra = {}
     if schedule is not None:
         extra = {
@@ -101,11 +123,11 @@ def build_module(cfg: DictConfig, num_classes: int, category_map: CategoryMap, s
             "warmup_factor": cfg.schedule.warmup_factor,
             "gamma": cfg.schedule.gamma,
         }
-    # partial first: kwargs given to instantiate() itself would be instantiated recursively (run_config has _target_s)
     return instantiate(cfg.module, _partial_=True)(
         model=model,
         category_map=category_map.to_dict(),
-        run_config=OmegaConf.to_container(cfg, resolve=True),
+        test_resize={"min_size": int(dm.test_min_size), "max_size": int(dm.test_max_size)},
+        source=source,
         output_dir=cfg.output_dir,
         **extra,
     )
@@ -141,9 +163,7 @@ def train(cfg: DictConfig) -> float:
     if cfg.get("init_from"):
         if cfg.ckpt_path:
             raise ValueError("init_from= (weights only, fine-tuning) and ckpt_path= (full resume) exclude each other")
-        init_from_checkpoint(
-            module.model, cfg.init_from, datamodule.category_map, OmegaConf.to_container(cfg.model, resolve=True)
-        )
+        init_from_checkpoint(module.model, cfg.init_from, datamodule.category_map)
 
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False

@@ -1,10 +1,9 @@
-"""Checkpoints of ours from other frameworks' files, and loading any checkpoint of ours for inference.
+"""Other frameworks' checkpoint files -> our network's weights: reading them, renaming their keys for the
+network they describe, and fitting the result strictly to our model.
 
-A converted checkpoint has the layout ``train.py`` writes (what ``evaluate.py``, ``predict.py``, ``export.py``
-and ``train.py init_from=`` read): ``state_dict`` (the network under ``model.``), ``category_map`` and
-``fcos_config`` (a complete resolved run config, plain containers), plus ``converted_from`` (source format,
-file, dropped keys). The run config is composed from ``conf/train.yaml`` with the overrides that rebuild the
-source network, so the checkpoint alone rebuilds it.
+:func:`convert_state_dict` returns the renamed weights and the config overrides (``conf/train.yaml`` keys) that
+build the matching network; ``fcos_lightning.app.convert`` composes those, builds the network and writes a
+checkpoint of ours (:mod:`fcos_lightning.checkpoint`).
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import Tensor
 
 from fcos_lightning.convert.adelaidet import Conversion, adelaidet_to_fcos, detect_architecture
 from fcos_lightning.convert.torchvision import TORCHVISION_GEOMETRY, torchvision_to_fcos
@@ -92,7 +90,8 @@ def match_to_model(conversion: Conversion, model_state: Mapping[str, Tensor]) ->
     return state, report
 
 
-def _category_map(num_classes: int) -> CategoryMap:
+def converted_category_map(num_classes: int) -> CategoryMap:
+    """COCO's 80 classes for an 80-class classifier, ``class0..`` with ids ``1..`` otherwise."""
     if num_classes == 80:
         return coco_category_map()
     log.warning(
@@ -139,31 +138,3 @@ def convert_state_dict(
         dropped = {k: "BatchNorm counter; the backbone is FrozenBN" for k in state if k.endswith("num_batches_tracked")}
         return Conversion(converted, {}, dropped), torchvision_overrides(), 80
     raise ValueError(f"unknown source format {source_format!r}; expected one of {FORMATS}")
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint of ours (trained or converted), loaded with ``weights_only=True`` (:func:`safe_load`)."""
-    ckpt = safe_load(path)
-    for key in ("state_dict", "category_map", "fcos_config"):
-        if not isinstance(ckpt, Mapping) or key not in ckpt:
-            raise ValueError(
-                f"{path} is not an fcos_lightning checkpoint: no {key!r} entry (convert other files with convert.py)"
-            )
-    return ckpt
-
-
-def model_state(ckpt: Mapping) -> dict[str, Tensor]:
-    """The network's weights of a checkpoint of ours (its ``model.`` entries, prefix removed)."""
-    return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-
-
-def load_model(path: str | Path) -> tuple[nn.Module, CategoryMap, DictConfig]:
-    """``(network in eval mode, class map, run config)`` of a checkpoint of ours."""
-    from fcos_lightning.app.config import build
-
-    ckpt = load_checkpoint(path)
-    run_cfg = OmegaConf.create(ckpt["fcos_config"])
-    category_map = CategoryMap.from_dict(ckpt["category_map"])
-    model = build(run_cfg.model, num_classes=category_map.num_classes)
-    model.load_state_dict(model_state(ckpt))
-    return model.eval(), category_map, run_cfg

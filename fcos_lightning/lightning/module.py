@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fcos_lightning.checkpoint import checkpoint_header
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.evaluation.coco import METRIC_NAMES, evaluate_coco, gather_detections, to_coco_results
 from fcos_lightning.evaluation.visualize import detection_grid
@@ -59,8 +60,9 @@ class FCOSLitModule(pl.LightningModule):
         lr: learning rate after warmup (already scaled to the global batch by the caller).
         momentum, weight_decay: SGD settings; ``weight_decay_norm`` applies to norm layers (0 in AdelaiDet).
         warmup_iters, warmup_factor, milestones, gamma: the WarmupMultiStepLR schedule, in optimizer steps.
-        run_config: the resolved run configuration (plain containers), saved in checkpoints so that
-            ``evaluate.py`` and ``predict.py`` rebuild the model from the checkpoint alone.
+        test_resize: ``{"min_size", "max_size"}`` of the evaluation resize, and source: where the weights come
+            from (:mod:`fcos_lightning.checkpoint`); both saved in every checkpoint with the network's
+            description, so that ``evaluate.py`` and ``predict.py`` rebuild the model from the checkpoint alone.
         num_vis_images: validation images drawn to TensorBoard at each round.
         output_dir: where ``metrics.json`` of the last validation is written (None: not written).
         on_nonfinite_loss: ``stop`` raises on a NaN/Inf training loss naming the batch's image ids and the
@@ -85,7 +87,8 @@ class FCOSLitModule(pl.LightningModule):
         warmup_factor: float = 1e-3,
         milestones: Sequence[int] = (60000, 80000),
         gamma: float = 0.1,
-        run_config: dict | None = None,
+        test_resize: Mapping[str, int] | None = None,
+        source: Mapping[str, Any] | None = None,
         num_vis_images: int = 4,
         output_dir: str | None = None,
         on_nonfinite_loss: OnNonFiniteLoss = "stop",
@@ -114,7 +117,8 @@ class FCOSLitModule(pl.LightningModule):
         self.weight_decay, self.weight_decay_norm = weight_decay, weight_decay_norm
         self.warmup_iters, self.warmup_factor = warmup_iters, warmup_factor
         self.milestones, self.gamma = list(milestones), gamma
-        self.run_config = run_config
+        self.test_resize = test_resize
+        self.source = dict(source or {"kind": "trained"})
         self.num_vis_images = num_vis_images
         self.output_dir = output_dir
         self.last_metrics: dict[str, float] = {}
@@ -244,9 +248,19 @@ class FCOSLitModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints --------------------------------------------------------------------------------------
+    def checkpoint_header(self) -> dict[str, Any]:
+        """What every checkpoint carries besides the tensors (:mod:`fcos_lightning.checkpoint`)."""
+        return checkpoint_header(
+            self.model,
+            self.category_map,
+            self.decoder.postprocessor,
+            self.criterion.settings(),
+            self.test_resize,
+            self.source,
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["category_map"] = self.category_map.to_dict()
-        checkpoint["fcos_config"] = self.run_config
+        checkpoint.update(self.checkpoint_header())
 
 
 def broadcast_object(obj: Any) -> Any:

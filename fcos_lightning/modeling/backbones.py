@@ -74,6 +74,15 @@ def convert_frozen_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
+def plain(value: Any) -> Any:
+    """Mappings and sequences (config containers included) as plain dicts and lists, recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [plain(v) for v in value]
+    return value
+
+
 def load_trunk_weights(body: nn.Module, path: str | Path) -> None:
     """Load a local timm/torchvision-style state dict (bare, or under ``state_dict``/``model``) into ``body``.
 
@@ -141,6 +150,16 @@ class TimmBackbone(nn.Module):
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.name = name
         self.norm = norm
+        self._args = {
+            "name": str(name),
+            "out_indices": [int(i) for i in out_indices],
+            "norm": str(norm),
+            "freeze_at": int(freeze_at),
+            "stride_in_1x1": bool(stride_in_1x1),
+            "dcn_stages": [int(s) for s in dcn_stages],
+            "dcn_deformable_groups": int(dcn_deformable_groups),
+            "model_kwargs": plain(model_kwargs or {}),
+        }
         self.body = timm.create_model(
             name,
             features_only=True,
@@ -207,6 +226,11 @@ class TimmBackbone(nn.Module):
             return []
         return [stem] + [[n] for n in stages if hasattr(self.body, n)]
 
+    def constructor_args(self) -> dict[str, Any]:
+        """The arguments that rebuild this trunk's architecture, as plain values. ``pretrained`` and ``weights``
+        are left out: they only initialise the weights, which a checkpoint carries itself."""
+        return dict(self._args)
+
     @property
     def size_divisibility(self) -> int:
         """Pad inputs to a multiple of this (the coarsest stride) so the FPN's top-down sums align."""
@@ -216,4 +240,11 @@ class TimmBackbone(nn.Module):
         return list(self.body(x))
 
 
-__all__ = ["FrozenBatchNorm2d", "TimmBackbone", "convert_frozen_batch_norm", "frozen_batch_norm", "load_trunk_weights"]
+__all__ = [
+    "FrozenBatchNorm2d",
+    "TimmBackbone",
+    "convert_frozen_batch_norm",
+    "frozen_batch_norm",
+    "load_trunk_weights",
+    "plain",
+]

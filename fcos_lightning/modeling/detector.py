@@ -4,6 +4,7 @@ mode alike. Targets, losses and decoding live in ``fcos_lightning.fcos``; the Li
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -67,8 +68,25 @@ class FCOS(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1))
         self.channels_last = channels_last
         self.cpu_micro_batch = cpu_micro_batch
+        self.fpn_channels = int(fpn_channels)
+        self.top_levels = int(top_levels)
         if channels_last:
             self.to(memory_format=torch.channels_last)
+
+    def constructor_args(self) -> dict[str, Any]:
+        """This network's own constructor arguments as plain values: not ``backbone`` and ``head`` (see
+        :func:`~fcos_lightning.modeling.build.model_description`) nor ``cpu_micro_batch`` (how it runs, set by
+        ``optimize_for_inference``). ``pixel_mean``/``pixel_std`` are read from the buffers."""
+        return {
+            "num_classes": int(self.num_classes),
+            "fpn_channels": self.fpn_channels,
+            "top_levels": self.top_levels,
+            "sizes_of_interest": list(self.sizes_of_interest),
+            "point_offset": self.point_offset,
+            "pixel_mean": self.pixel_mean.flatten().tolist(),
+            "pixel_std": self.pixel_std.flatten().tolist(),
+            "channels_last": bool(self.channels_last),
+        }
 
     @property
     def strides(self) -> list[int]:

@@ -5,7 +5,7 @@ logits, ltrb regression and centerness (on the box tower), a learnable scale per
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +110,15 @@ class FCOSHead(nn.Module):
         self.num_classes = num_classes
         self.num_levels = num_levels
         self.norm = norm
+        self._args = {
+            "num_cls_convs": int(num_cls_convs),
+            "num_box_convs": int(num_box_convs),
+            "num_share_convs": int(num_share_convs),
+            "norm": str(norm),
+            "use_deformable": bool(use_deformable),
+            "prior_prob": float(prior_prob),
+            "use_scale": bool(use_scale),
+        }
         self.share_tower = Tower(num_share_convs, in_channels, norm, num_levels, deformable=False)
         self.cls_tower = Tower(num_cls_convs, in_channels, norm, num_levels, use_deformable)
         self.box_tower = Tower(num_box_convs, in_channels, norm, num_levels, use_deformable)
@@ -126,6 +135,11 @@ class FCOSHead(nn.Module):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def constructor_args(self) -> dict[str, Any]:
+        """The arguments this head was built with, as plain values, except those the detector supplies
+        (``in_channels``, ``num_classes``, ``num_levels``)."""
+        return dict(self._args)
 
     def forward(self, features: list[Tensor]) -> HeadOutputs:
         if len(features) != self.num_levels:

@@ -83,7 +83,7 @@ def test_train_then_evaluate_matches_pycocotools(dataset, tmp_path, monkeypatch)
     assert train_metrics["num_images"] == 5  # every val image once
 
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["category_map"] == {"cat_ids": [2, 5, 9], "names": ["square", "disc", "ring"]}
+    assert ckpt["classes"] == {"cat_ids": [2, 5, 9], "names": ["square", "disc", "ring"]}
 
     out = tmp_path / "eval"
     ecfg = compose_config(

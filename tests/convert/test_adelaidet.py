@@ -21,15 +21,9 @@ from omegaconf import OmegaConf
 
 from fcos_lightning.app.config import build
 from fcos_lightning.app.convert import compose_run_config, convert_checkpoint
+from fcos_lightning.checkpoint import load_checkpoint, load_model, model_state
 from fcos_lightning.convert.adelaidet import adelaidet_to_fcos, detect_architecture
-from fcos_lightning.convert.checkpoint import (
-    convert_state_dict,
-    load_checkpoint,
-    load_model,
-    load_state_dict_file,
-    match_to_model,
-    model_state,
-)
+from fcos_lightning.convert.checkpoint import convert_state_dict, load_state_dict_file, match_to_model
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.files import UnsafeCheckpointError
 
@@ -95,19 +89,19 @@ def test_every_contract_architecture_converts_strictly(title, tmp_path):
     src = tmp_path / "src.pth"
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, src)  # wrapped and DDP-prefixed
     ckpt = convert_checkpoint("adelaidet", src, tmp_path / "ours.ckpt")
-    dropped = ckpt["converted_from"]["dropped_keys"]
+    dropped = ckpt["source"]["dropped_keys"]
     if "DLA" in title:
         assert sorted(dropped) == sorted(k for k, _ in entries if re.search(r"bottom_up\.level[34]\.project\.", k))
         assert len(dropped) == 12
     else:
         assert not dropped
-    assert not ckpt["converted_from"]["filled_keys"]
+    assert not ckpt["source"]["filled_keys"]
 
     # convert_checkpoint loaded the converted dict strictly into the model built from the run config; the file:
     written = load_checkpoint(tmp_path / "ours.ckpt")
-    category_map = CategoryMap.from_dict(written["category_map"])
+    category_map = CategoryMap.from_dict(written["classes"])
     assert category_map.num_classes == 80 and category_map.names[0] == "person" and category_map.cat_ids[-1] == 90
-    run_cfg = OmegaConf.create(written["fcos_config"])
+    description = OmegaConf.create(written["model"])  # the network's constructor arguments
     own = model_state(written)
     used = len(entries) - len(dropped)
     assert len(own) == used  # nothing unused, nothing missing
@@ -128,15 +122,15 @@ def test_every_contract_architecture_converts_strictly(title, tmp_path):
         "R_50": ("resnet50", True, 5),
     }
     name, stride_in_1x1, levels = next(v for k, v in expected.items() if k in title)
-    assert run_cfg.model.backbone.name == name
-    assert run_cfg.model.backbone.stride_in_1x1 == stride_in_1x1
-    assert 3 + run_cfg.model.top_levels == levels and run_cfg.model.point_offset == 0.5
+    assert description.backbone.name == name
+    assert description.backbone.stride_in_1x1 == stride_in_1x1
+    assert 3 + description.top_levels == levels and description.point_offset == 0.5
     if "dcnv2" in title:
-        assert list(run_cfg.model.backbone.dcn_stages) == [4, 5] and run_cfg.model.head.use_deformable
+        assert list(description.backbone.dcn_stages) == [4, 5] and description.head.use_deformable
     if "shared_towers" in title:
-        assert run_cfg.model.head.num_share_convs == 4 and run_cfg.model.head.num_cls_convs == 0
+        assert description.head.num_share_convs == 4 and description.head.num_cls_convs == 0
     if "bn_head" in title:
-        assert run_cfg.model.head.norm == "SyncBN"
+        assert description.head.norm == "SyncBN"
 
 
 def test_loader_accepts_centerness_spelling_and_rejects_bad_files(tmp_path):
@@ -225,7 +219,7 @@ def r50(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("r50")
     torch.save(state, tmp / "src.pth")
     convert_checkpoint("adelaidet", tmp / "src.pth", tmp / "ours.ckpt")
-    model, _, _ = load_model(tmp / "ours.ckpt")
+    model = load_model(tmp / "ours.ckpt").network
     g = torch.Generator().manual_seed(4)
     rgb = (torch.rand(1, 3, 96, 128, generator=g) * 255).round()
     # AdelaiDet's input: the same picture as BGR 0-255, minus its mean, over its std (FCOS_SPEC §1.1)
@@ -280,7 +274,7 @@ def test_convert_cli_logs_dropped_dla_keys(tmp_path, monkeypatch, caplog):
     assert "dropped 12 source keys (unused by AdelaiDet's DLA-34 forward" in caplog.text
     assert "backbone.bottom_up.level4.project.0.weight" in caplog.text
     ckpt = torch.load(tmp_path / "o.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["fcos_config"]["model"]["backbone"]["name"] == "dla34"
+    assert ckpt["model"]["backbone"]["name"] == "dla34"
     assert ckpt["state_dict"]["model.pixel_std"].flatten().tolist() == list(PIXEL_STD_BGR[::-1])
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from fcos_lightning.app.config import build
 from fcos_lightning.app.convert import convert_checkpoint
+from fcos_lightning.app.train import build_module
+from fcos_lightning.data.coco import CategoryMap
 from tests.app.test_e2e import TINY
 from tests.conftest import compose_config
 from tests.parity.test_torchvision_model import perturbed_torchvision_fcos
@@ -21,21 +21,18 @@ CATEGORIES = {"cat_ids": [2, 5, 9], "names": ["square", "disc", "ring"]}
 
 
 def write_tiny_checkpoint(path: Path, *overrides: str, categories: dict = CATEGORIES, seed: int = 0) -> Path:
-    """A checkpoint laid out as train.py writes it, for a tiny random network whose classifier fires."""
+    """A checkpoint as train.py writes it, for a tiny random network whose classifier fires."""
     cfg = compose_config("train", [*TINY, "module.postprocessor.score_thresh=0.2", *overrides], path.parent)
     torch.manual_seed(seed)
-    model = build(cfg.model, num_classes=len(categories["cat_ids"])).eval()
+    category_map = CategoryMap.from_dict(categories)
+    module = build_module(cfg, category_map.num_classes, category_map, None)
+    model = module.model.eval()
     with torch.no_grad():
         model.head.cls_logits.bias.fill_(-6.0)
         model.head.cls_logits.weight.normal_(std=0.2)
         model.head.bbox_pred.bias.fill_(2.0)
     torch.save(
-        {
-            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "category_map": categories,
-            "fcos_config": OmegaConf.to_container(cfg, resolve=True),
-        },
-        path,
+        {**module.checkpoint_header(), "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path
     )
     return path
 

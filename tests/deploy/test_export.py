@@ -10,9 +10,8 @@ import logging.handlers
 import pytest
 import torch
 
-from fcos_lightning.app.config import build
 from fcos_lightning.app.export import export
-from fcos_lightning.convert.checkpoint import load_model
+from fcos_lightning.checkpoint import load_model
 from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.runtime.onnx import OnnxFCOS, check_against_pytorch, sample_batch
 from tests.conftest import compose_config
@@ -55,8 +54,8 @@ def test_onnx_detections_equal_pytorch_at_several_sizes(exported, tiny_ckpt):
     print(f"\nspeed: {report['speed']}")
 
     # independently of export()'s own check: detections through onnxruntime vs the PyTorch pipeline
-    model, _, run_cfg = load_model(tiny_ckpt)
-    decoder = FCOSDecoder.for_model(model, build(run_cfg.module.postprocessor))
+    model, _, postprocessor, _ = load_model(tiny_ckpt)
+    decoder = FCOSDecoder.for_model(model, postprocessor)
     runner = OnnxFCOS(report["onnx"], decoder)
     for h, w in SIZES:
         images, image_sizes = sample_batch(h, w, model.size_divisibility, seed=h)
@@ -78,9 +77,9 @@ def test_onnx_detections_equal_pytorch_at_several_sizes(exported, tiny_ckpt):
 
 def test_export_check_fails_loudly_on_a_mismatch(exported, tiny_ckpt):
     report = exported[0]
-    model, _, run_cfg = load_model(tiny_ckpt)
+    model, _, postprocessor, _ = load_model(tiny_ckpt)
     with torch.no_grad():
         model.head.bbox_pred.bias.add_(0.5)  # PyTorch model now differs from the exported one
-    runner = OnnxFCOS(report["onnx"], FCOSDecoder.for_model(model, build(run_cfg.module.postprocessor)))
+    runner = OnnxFCOS(report["onnx"], FCOSDecoder.for_model(model, postprocessor))
     with pytest.raises(RuntimeError, match=r"ONNX mismatch at 128x128: box_reg"):
         check_against_pytorch(model, runner, [[128, 128]])

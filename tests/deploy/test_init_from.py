@@ -12,7 +12,7 @@ import torch
 from fcos_lightning.app.config import build
 from fcos_lightning.app.init_from import init_from_checkpoint
 from fcos_lightning.app.train import train
-from fcos_lightning.convert.checkpoint import load_checkpoint, model_state
+from fcos_lightning.checkpoint import load_checkpoint, model_state
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.demo import make_demo_dataset
 from tests.app.test_e2e import TINY

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fcos_lightning.app.train import train
-from fcos_lightning.convert.checkpoint import load_checkpoint
+from fcos_lightning.checkpoint import load_checkpoint
 from fcos_lightning.files import UnsafeCheckpointError, safe_load
 from fcos_lightning.lightning.checkpoint_io import AtomicCheckpointIO, NonFiniteModelError
 from tests.app.test_e2e import TINY

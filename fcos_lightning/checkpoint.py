@@ -1,0 +1,179 @@
+"""The checkpoint's own format: what the network is, what it detects and how to run it, next to its weights.
+
+A checkpoint of ours (written by training or by ``convert.py``) is a dict of plain values and tensors, loaded
+with ``torch.load(weights_only=True)``:
+
+- ``format_version``: :data:`FORMAT_VERSION`;
+- ``model``: the network's constructor arguments
+  (:func:`~fcos_lightning.modeling.build.model_description`);
+- ``classes``: the class map, ``{"cat_ids": [...], "names": [...]}`` (label ``k`` is ``cat_ids[k]``);
+- ``postprocess``: :class:`~fcos_lightning.fcos.postprocess.FCOSPostProcessor` arguments;
+- ``criterion``: the loss and assignment settings it was trained with
+  (:meth:`~fcos_lightning.fcos.criterion.FCOSCriterion.settings`);
+- ``test_resize``: ``{"min_size", "max_size"}`` of the evaluation resize (None when unknown);
+- ``source``: where the weights came from: ``{"kind": "trained", "output_dir", "init_from", "data"}`` or
+  ``{"kind": "converted", "format", "file", "dropped_keys", "filled_keys", "data"}``; ``data`` names the val
+  split (``val_ann_file``, ``val_img_dir``) and its loader settings (``val_batch_size``, ``num_workers``);
+- ``state_dict``: the network's tensors under ``model.`` (Lightning adds its own entries beside these).
+
+Rebuilding the network needs only this module and the model code, no config system. Files in an older layout
+load through :func:`migrate`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from torch import Tensor
+
+from fcos_lightning.data.coco import CategoryMap
+from fcos_lightning.fcos.postprocess import FCOSPostProcessor
+from fcos_lightning.files import safe_load
+from fcos_lightning.modeling.build import build_model, model_description
+from fcos_lightning.modeling.detector import FCOS
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LoadedModel",
+    "checkpoint_header",
+    "load_checkpoint",
+    "load_model",
+    "load_network",
+    "migrate",
+    "model_state",
+]
+
+FORMAT_VERSION = 1
+HEADER_KEYS = ("format_version", "model", "classes", "postprocess", "criterion", "test_resize", "source")
+
+
+def checkpoint_header(
+    model: FCOS,
+    classes: CategoryMap,
+    postprocessor: FCOSPostProcessor,
+    criterion: Mapping[str, Any],
+    test_resize: Mapping[str, int] | None,
+    source: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Everything of a checkpoint but its tensors, for the network ``model``."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model_description(model),
+        "classes": classes.to_dict(),
+        "postprocess": postprocessor.settings(),
+        "criterion": dict(criterion),
+        "test_resize": None if test_resize is None else {k: int(v) for k, v in test_resize.items()},
+        "source": dict(source),
+    }
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint of ours (trained or converted, any format version) in the current format."""
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise ValueError(
+            f"{os.fspath(path)} is not an fcos_lightning checkpoint: no 'state_dict' entry "
+            "(convert other frameworks' files with convert.py)"
+        )
+    return migrate(ckpt, os.fspath(path))
+
+
+def model_state(ckpt: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The network's weights of a checkpoint of ours (its ``model.`` entries, prefix removed)."""
+    return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+
+
+def load_network(ckpt: Mapping[str, Any]) -> FCOS:
+    """The checkpoint's network with its weights, in eval mode."""
+    model = build_model(ckpt["model"])
+    model.load_state_dict(model_state(ckpt))
+    return model.eval()
+
+
+class LoadedModel(NamedTuple):
+    """What inference needs from a checkpoint: the network (eval mode, weights loaded), its class map, its
+    post-processing, and the whole checkpoint (``test_resize``, ``source``, ...)."""
+
+    network: FCOS
+    classes: CategoryMap
+    postprocessor: FCOSPostProcessor
+    checkpoint: dict[str, Any]
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """:class:`LoadedModel` of the checkpoint at ``path``."""
+    ckpt = load_checkpoint(path)
+    classes = CategoryMap.from_dict(ckpt["classes"])
+    return LoadedModel(load_network(ckpt), classes, FCOSPostProcessor(**ckpt["postprocess"]), ckpt)
+
+
+def migrate(ckpt: Mapping[str, Any], path: str = "checkpoint") -> dict[str, Any]:
+    """``ckpt`` in the current format. Version 0 is the layout before the format had a version: the whole
+    resolved run config under ``fcos_config``, the class map under ``category_map`` and, for converted files,
+    ``converted_from``. Entries that are not part of the format (Lightning's) are kept as they are."""
+    version = ckpt.get("format_version", 0)
+    if version == FORMAT_VERSION:
+        missing = [k for k in HEADER_KEYS if k not in ckpt]
+        if missing:
+            raise ValueError(f"{path}: format {FORMAT_VERSION} checkpoint without {missing}")
+        return dict(ckpt)
+    if version == 0:
+        return _from_version_0(ckpt, path)
+    raise ValueError(
+        f"{path}: checkpoint format {version!r}; this fcos_lightning reads formats 0..{FORMAT_VERSION} "
+        "(a newer fcos_lightning wrote it?)"
+    )
+
+
+#: version 0 spelled the backbone norms in lower case.
+_V0_BACKBONE_NORMS = {"frozen_bn": "frozen_bn", "bn": "bn", "syncbn": "syncbn"}
+_V0_MODEL_KEYS = ("fpn_channels", "top_levels", "sizes_of_interest", "point_offset", "channels_last")
+_V0_CRITERION_KEYS = ("center_sampling_radius", "box_loss_type", "focal_alpha", "focal_gamma")
+
+
+def _from_version_0(ckpt: Mapping[str, Any], path: str) -> dict[str, Any]:
+    missing = [k for k in ("fcos_config", "category_map") if k not in ckpt]
+    if missing:
+        raise ValueError(
+            f"{path} is not an fcos_lightning checkpoint: no {missing[0]!r} entry (convert other frameworks' "
+            "files with convert.py)"
+        )
+    config, classes = ckpt["fcos_config"], CategoryMap.from_dict(ckpt["category_map"])
+    model_cfg, module_cfg = config["model"], config["module"]
+    backbone = dict(model_cfg["backbone"])
+    target = backbone.pop("_target_", None)
+    if target != "fcos_lightning.modeling.backbones.TimmBackbone":
+        raise ValueError(f"{path}: version 0 checkpoint with backbone {target!r}; only TimmBackbone existed")
+    for key in ("pretrained", "weights"):  # weight initialisation only: the checkpoint has the weights
+        backbone.pop(key, None)
+    backbone["norm"] = _V0_BACKBONE_NORMS[backbone["norm"]]
+    state = model_state(ckpt)
+    model = {
+        "backbone": {"type": "timm", **backbone},
+        "head": {k: v for k, v in model_cfg["head"].items() if not k.startswith("_")},
+        "num_classes": classes.num_classes,
+        **{k: model_cfg[k] for k in _V0_MODEL_KEYS if k in model_cfg},
+        "pixel_mean": state["pixel_mean"].flatten().tolist(),
+        "pixel_std": state["pixel_std"].flatten().tolist(),
+    }
+    datamodule = config["data"]["datamodule"]
+    data = {k: datamodule[k] for k in ("val_ann_file", "val_img_dir", "val_batch_size", "num_workers")}
+    if "converted_from" in ckpt:
+        source = {"kind": "converted", **ckpt["converted_from"], "data": data}
+    else:
+        source = {"kind": "trained", "output_dir": config.get("output_dir"), "init_from": config.get("init_from")}
+        source["data"] = data
+    source["migrated_from_format"] = 0
+    header = {
+        "format_version": FORMAT_VERSION,
+        "model": model_description(build_model(model)),  # with the arguments version 0 left at their defaults
+        "classes": classes.to_dict(),
+        "postprocess": {k: v for k, v in module_cfg["postprocessor"].items() if not k.startswith("_")},
+        "criterion": {**{k: module_cfg[k] for k in _V0_CRITERION_KEYS if k in module_cfg}, "inclusive_ranges": True},
+        "test_resize": {"min_size": datamodule["test_min_size"], "max_size": datamodule["test_max_size"]},
+        "source": source,
+    }
+    rest = {k: v for k, v in ckpt.items() if k not in ("fcos_config", "category_map", "converted_from")}
+    return {**rest, **header}
