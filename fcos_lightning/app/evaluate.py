@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 
@@ -14,10 +13,11 @@ from fcos_lightning.app.config import check_config, check_output_dir
 from fcos_lightning.checkpoint import load_checkpoint, load_network
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.evaluation.coco import METRIC_NAMES, format_table
+from fcos_lightning.evaluation.evaluator import COCOEvaluator
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.files import write_json_atomic
 from fcos_lightning.lightning.datamodule import COCODataModule
-from fcos_lightning.lightning.module import FCOSLitModule
+from fcos_lightning.lightning.module import FCOSLitModule, validation_metrics
 from fcos_lightning.runtime.optimize import optimize_for_inference
 from fcos_lightning.runtime.precision import resolve_precision
 
@@ -35,11 +35,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"{datamodule.val_ann_file}: categories {list(datamodule.category_map.cat_ids)} differ from the "
             f"checkpoint's {list(category_map.cat_ids)} ({cfg.ckpt_path})"
         )
+    datamodule.setup("validate")
+    evaluator = COCOEvaluator(datamodule.val_dataset.coco, category_map, results_file=output_dir / "detections.json")
     module = FCOSLitModule(
         model,
         category_map.to_dict(),
         postprocessor=FCOSPostProcessor(**ckpt["postprocess"]),
         **ckpt["criterion"],
+        evaluator=evaluator,
         num_vis_images=cfg.num_pictures,
         output_dir=str(output_dir),
     )
@@ -48,13 +51,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     optimize_for_inference(module.model, precision=precision, cpu_micro_batch=cfg.cpu_micro_batch)
     trainer: pl.Trainer = instantiate(cfg.trainer, precision=precision, logger=False, default_root_dir=str(output_dir))
     start = time.perf_counter()
-    trainer.validate(module, datamodule=datamodule)
+    metrics = validation_metrics(trainer.validate(module, datamodule=datamodule)[0])
     elapsed = time.perf_counter() - start
-    metrics = dict(module.last_metrics)
     num_images = int(metrics.get("num_images", 0))
     metrics["images_per_second"] = num_images / elapsed if elapsed > 0 else math.nan
     if trainer.is_global_zero:
-        (output_dir / "detections.json").write_text(json.dumps(module.last_results))
         summary = {k: metrics[k] for k in METRIC_NAMES}
         summary["per_class_AP"] = {k[3:]: v for k, v in metrics.items() if k.startswith("AP/")}
         summary.update(num_images=num_images, images_per_second=metrics["images_per_second"])

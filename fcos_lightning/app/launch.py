@@ -1,4 +1,8 @@
-"""How a run is launched: the world-size check, and Hydra multirun jobs that need their own DDP launch."""
+"""How a run is launched: the world-size check, and Hydra multirun jobs that need their own DDP launch.
+
+Such a job runs as a separate ``train.py`` process; its ``train()`` hands its return value (the final
+``val/AP``) back through a pipe the parent opened for it (:data:`RESULT_FD`), as a function returns a value.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,14 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 
 log = logging.getLogger(__name__)
+
+#: environment variable naming the pipe a multirun job process writes its result to.
+RESULT_FD = "FCOS_LIGHTNING_RESULT_FD"
 
 
 def relaunches_script(trainer: pl.Trainer) -> bool:
@@ -55,6 +61,28 @@ def run_multirun_job_in_subprocess(script: str, task_overrides: list[str], outpu
         "hydra.output_subdir=null",
     ]
     log.info("multirun job with DDP: running %s", " ".join(command))
-    subprocess.run(command, check=True)
-    metrics = Path(output_dir) / "metrics.json"
-    return float(json.loads(metrics.read_text())["AP"]) if metrics.is_file() else float("nan")
+    read_fd, write_fd = os.pipe()
+    try:
+        env = {**os.environ, RESULT_FD: str(write_fd)}
+        subprocess.run(command, check=True, pass_fds=(write_fd,), env=env)
+    finally:
+        os.close(write_fd)
+        with os.fdopen(read_fd) as pipe:
+            result = pipe.read()
+    if not result:
+        raise RuntimeError(f"multirun job {output_dir} finished without returning its val/AP")
+    return float(json.loads(result)["AP"])
+
+
+def result_channel() -> int | None:
+    """The pipe a parent :func:`run_multirun_job_in_subprocess` opened for this process's result, taken out of
+    the environment so that processes started later (the job's DDP ranks) do not inherit its number."""
+    fd = os.environ.pop(RESULT_FD, None)
+    return None if fd is None else int(fd)
+
+
+def send_result(channel: int | None, ap: float) -> None:
+    """Hand ``train()``'s return value to the parent process (nothing to do without a channel)."""
+    if channel is not None:
+        with os.fdopen(channel, "w") as pipe:
+            json.dump({"AP": ap}, pipe)

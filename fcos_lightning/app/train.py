@@ -14,10 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcos_lightning.app.config import build, check_config, check_output_dir
 from fcos_lightning.app.init_from import init_from_checkpoint
-from fcos_lightning.app.launch import check_world_size, run_multirun_job_with_ddp
+from fcos_lightning.app.launch import check_world_size, result_channel, run_multirun_job_with_ddp, send_result
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.demo import make_demo_dataset
 from fcos_lightning.evaluation.coco import format_table
+from fcos_lightning.evaluation.evaluator import COCOEvaluator
+from fcos_lightning.lightning.module import validation_metrics
 from fcos_lightning.runtime.precision import resolve_precision
 
 log = logging.getLogger("fcos_lightning")
@@ -106,9 +108,10 @@ def build_module(
     category_map: CategoryMap,
     schedule: Schedule | None,
     source: dict | None = None,
+    evaluator: COCOEvaluator | None = None,
 ):
     """The LightningModule for ``cfg`` with a freshly initialised network. ``source``: where its weights come
-    from, recorded in its checkpoints (a trained run by default)."""
+    from, recorded in its checkpoints (a trained run by default); ``evaluator``: scores its validation."""
     model = build(cfg.model, num_classes=num_classes)
     if source is None:
         source = {"kind": "trained", "output_dir": str(cfg.output_dir), "init_from": cfg.get("init_from")}
@@ -128,6 +131,7 @@ def build_module(
         category_map=category_map.to_dict(),
         test_resize={"min_size": int(dm.test_min_size), "max_size": int(dm.test_max_size)},
         source=source,
+        evaluator=evaluator,
         output_dir=cfg.output_dir,
         **extra,
     )
@@ -152,14 +156,17 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
 
 def train(cfg: DictConfig) -> float:
     """Train ``cfg``; returns the final ``val/AP`` (percent) so that sweepers can optimize it."""
+    result = result_channel()
     check_config(cfg)
     output_dir = check_output_dir(cfg.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
     prepare_data(cfg.data)
     datamodule = build(cfg.data.datamodule)
+    datamodule.setup("validate")  # the val split's ground truth, for the evaluator
+    evaluator = COCOEvaluator(datamodule.val_dataset.coco, datamodule.category_map)
     global_batch = world_size(cfg.trainer) * cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)
     schedule = make_schedule(cfg.schedule, global_batch)
-    module = build_module(cfg, datamodule.num_classes, datamodule.category_map, schedule)
+    module = build_module(cfg, datamodule.num_classes, datamodule.category_map, schedule, evaluator=evaluator)
     if cfg.get("init_from"):
         if cfg.ckpt_path:
             raise ValueError("init_from= (weights only, fine-tuning) and ckpt_path= (full resume) exclude each other")
@@ -195,17 +202,19 @@ def train(cfg: DictConfig) -> float:
             logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, str(output_dir)))
-    if module.last_metrics.get("step") != trainer.global_step:
-        trainer.validate(module, datamodule=datamodule)
-    metrics = module.last_metrics
+    metrics = validation_metrics(trainer.callback_metrics)  # fit returns nothing; its last validation's
+    if metrics.get("step") != trainer.global_step:
+        metrics = validation_metrics(trainer.validate(module, datamodule=datamodule)[0])
+    ap = float(metrics.get("AP", float("nan")))
     if trainer.is_global_zero:
+        send_result(result, ap)
         log.info(
             "final validation at step %d:\n%s",
             trainer.global_step,
             format_table(metrics, module.category_map),
         )
         log.info("run dir: %s (TensorBoard: tensorboard --logdir %s)", output_dir, output_dir / "tensorboard")
-    return float(metrics.get("AP", float("nan")))
+    return ap
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

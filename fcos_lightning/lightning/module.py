@@ -1,7 +1,9 @@
-"""FCOSLitModule: the FCOS network, its loss and its post-processing under Lightning.
+"""FCOSLitModule: the FCOS network, its criterion and its decoder under Lightning.
 
 One forward of the network serves both: training computes the loss; validation computes the loss and the
-detections, which are scored by COCO AP over the whole validation split at the end of the round.
+detections, which the evaluator it is handed scores over the whole validation split at the end of the round.
+The metrics leave through Lightning's logging (``trainer.validate`` returns them, ``trainer.callback_metrics``
+holds them after ``fit``): :func:`validation_metrics` reads them back by name.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from fcos_lightning.checkpoint import checkpoint_header
 from fcos_lightning.data.coco import CategoryMap
-from fcos_lightning.evaluation.coco import METRIC_NAMES, evaluate_coco, gather_detections, to_coco_results
+from fcos_lightning.evaluation.evaluator import COCOEvaluator
 from fcos_lightning.evaluation.visualize import detection_grid
 from fcos_lightning.fcos.criterion import FCOSCriterion
 from fcos_lightning.fcos.decoder import FCOSDecoder
@@ -63,8 +64,10 @@ class FCOSLitModule(pl.LightningModule):
         test_resize: ``{"min_size", "max_size"}`` of the evaluation resize, and source: where the weights come
             from (:mod:`fcos_lightning.checkpoint`); both saved in every checkpoint with the network's
             description, so that ``evaluate.py`` and ``predict.py`` rebuild the model from the checkpoint alone.
+        evaluator: scores the validation detections (update / compute / reset); None: validation computes the
+            losses only.
         num_vis_images: validation images drawn to TensorBoard at each round.
-        output_dir: where ``metrics.json`` of the last validation is written (None: not written).
+        output_dir: where ``metrics.json`` of the last validation and the pictures are written (None: not).
         on_nonfinite_loss: ``stop`` raises on a NaN/Inf training loss naming the batch's image ids and the
             loss terms; ``skip`` logs that and skips the step (:mod:`fcos_lightning.nonfinite`).
     """
@@ -89,6 +92,7 @@ class FCOSLitModule(pl.LightningModule):
         gamma: float = 0.1,
         test_resize: Mapping[str, int] | None = None,
         source: Mapping[str, Any] | None = None,
+        evaluator: COCOEvaluator | None = None,
         num_vis_images: int = 4,
         output_dir: str | None = None,
         on_nonfinite_loss: OnNonFiniteLoss = "stop",
@@ -119,12 +123,9 @@ class FCOSLitModule(pl.LightningModule):
         self.milestones, self.gamma = list(milestones), gamma
         self.test_resize = test_resize
         self.source = dict(source or {"kind": "trained"})
+        self.evaluator = evaluator
         self.num_vis_images = num_vis_images
         self.output_dir = output_dir
-        self.last_metrics: dict[str, float] = {}
-        self.last_results: list[dict] = []
-        self._val_results: list[dict] = []
-        self._val_image_ids: list[int] = []
         self._vis: list[tuple[Tensor, dict, dict]] = []
 
     def setup(self, stage: str) -> None:
@@ -164,39 +165,35 @@ class FCOSLitModule(pl.LightningModule):
 
     # ---- validation ---------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val_results, self._val_image_ids, self._vis = [], [], []
+        self._vis = []
+        if self.evaluator is not None:
+            self.evaluator.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         outputs = self(batch["images"], batch["image_sizes"])
         losses = self.compute_loss(outputs, batch["targets"])
         bs = batch["images"].shape[0]
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=bs, sync_dist=True)
+        if self.evaluator is None:
+            return
         detections = self.decoder(outputs, batch["image_sizes"], batch["orig_sizes"])
-        ids = batch["image_ids"].tolist()
-        self._val_results.extend(to_coco_results(ids, detections, self.category_map))
-        self._val_image_ids.extend(ids)
+        self.evaluator.update(detections, batch["image_ids"])
         if self.global_rank == 0 and len(self._vis) < self.num_vis_images:
             self._keep_for_visualization(batch, detections)
 
     def on_validation_epoch_end(self) -> None:
-        results, image_ids = gather_detections(self._val_results, self._val_image_ids)
-        metrics = None
-        if self.global_rank == 0:
-            val_dataset = self.trainer.datamodule.val_dataset
-            if len(image_ids) != len(val_dataset) and not self.trainer.sanity_checking:
-                log.warning("validation scored %d of the %d val images", len(image_ids), len(val_dataset))
-            metrics = evaluate_coco(val_dataset.coco, results, image_ids, self.category_map)
-            metrics["num_images"] = float(len(image_ids))
-            metrics["step"] = float(self.global_step)
-        metrics = broadcast_object(metrics)
-        self.last_metrics = metrics
-        self.last_results = results
-        self.log_dict({f"val/{k}": metrics[k] for k in METRIC_NAMES}, prog_bar=False, sync_dist=False)
+        if self.evaluator is None:
+            return
+        metrics = self.evaluator.compute()  # the same on every rank
+        # float64: what Lightning returns is then exactly what pycocotools computed (its float32 default is not)
+        self.log_dict({f"val/{k}": torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}, sync_dist=False)
+        # the step of this validation, for callback_metrics after fit (not a curve worth plotting)
+        self.log("val/step", float(self.global_step), logger=False, sync_dist=False)
+        metrics["step"] = float(self.global_step)
         self.log("val_AP", metrics["AP"], prog_bar=True, logger=False)
         if self.global_rank == 0 and not self.trainer.sanity_checking:
             self._write_metrics(metrics)
             self._log_images()
-        self._val_results, self._val_image_ids = [], []
 
     def _keep_for_visualization(self, batch: dict, detections: list[dict]) -> None:
         for i, det in enumerate(detections):
@@ -263,10 +260,7 @@ class FCOSLitModule(pl.LightningModule):
         checkpoint.update(self.checkpoint_header())
 
 
-def broadcast_object(obj: Any) -> Any:
-    """rank 0's object on every rank (identity without a process group)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        holder = [obj]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-    return obj
+def validation_metrics(logged: Mapping[str, Any]) -> dict[str, float]:
+    """The evaluator's metrics (and the validation losses) from what the module logged: an element of what
+    ``trainer.validate`` returns, or ``trainer.callback_metrics`` after ``fit``; ``val/`` prefix removed."""
+    return {k.removeprefix("val/"): float(v) for k, v in logged.items() if k.startswith("val/")}
