@@ -60,7 +60,7 @@ from fcos_lightning.runtime.optimize import autocast, autocast_dtype, optimize_f
 from fcos_lightning.runtime.precision import resolve_precision
 from fcos_lightning.runtime.predictor import Predictor
 
-TARGETS = {"inference": 3.0, "training": 2.0}  # ratios against torchvision fp32 (issue 5)
+TARGETS = {"inference": 3.0, "training": 2.0}  # the project's speed targets: ratios against torchvision fp32
 # GPU (H100) minimums for ours: (section, model, batch) -> images/s. R-50 batch 1 <= 14 ms per image.
 ABSOLUTE_TARGETS = {
     ("inference", "R50-FPN", 1): 1000 / 14,

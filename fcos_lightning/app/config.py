@@ -1,4 +1,5 @@
-"""Configuration errors at start, naming the key (USER_NEEDS §1.1, §3.7).
+"""Configuration errors found at start, before anything is built, naming the key; and ``build``, the one
+``instantiate`` that reports a constructor's own error.
 
 Hydra's struct mode already rejects ``foo=1`` for a key that does not exist. What it cannot see is a key added
 with ``+`` (or written in a preset) inside a node that ``hydra.utils.instantiate`` turns into a constructor

@@ -2,13 +2,13 @@
 
 The architecture is read from the keys themselves (:func:`detect_architecture`): ResNet-50/101 (MSRA,
 ``stride_in_1x1``), ResNeXt-101 32x8d / 64x4d, DCNv2 stages and head, DLA-34, P6/P7 or none (FCOS_RT), GN /
-BN / no-norm heads, shared towers. Renaming follows FCOS_SPEC §6.1/§6.3. Two conversions besides renaming:
+BN / no-norm heads, shared towers. Keys are renamed one to one (``_rename``). Two conversions besides renaming:
 
 - input convention: AdelaiDet feeds BGR 0-255 minus ``pixel_mean`` divided by ``pixel_std`` (both stored in
   its checkpoints, in BGR order). Our model normalizes RGB, so the first conv's input channels are reversed
   and ``pixel_mean``/``pixel_std`` are stored reversed (RGB): the network computes exactly the same function.
 - DLA-34: AdelaiDet's (ucbdrive's) DLA builds ``project`` layers in ``level3`` and ``level4`` that its forward
-  never uses; timm's ``dla34`` omits them, so those keys are dropped and reported (FCOS_SPEC §11).
+  never uses; timm's ``dla34`` omits them, so those keys are dropped and reported.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor
 
 HEAD = "proposal_generator.fcos_head."
 BOTTOM_UP = "backbone.bottom_up."
-#: detectron2's default BGR mean; X-101-32x8d configs also divide by ImageNet std (FCOS_SPEC §1.1, §5).
+#: detectron2's default BGR mean; AdelaiDet's X-101-32x8d configs also divide by the ImageNet std.
 D2_PIXEL_MEAN_BGR = (103.530, 116.280, 123.675)
 D2_IMAGENET_STD_BGR = (57.375, 57.120, 58.395)
 #: timm names of the ResNet(-Xt) trunks by (depth, groups, width per group of res2).

@@ -1,6 +1,6 @@
 """COCO-format json -> detection samples.
 
-Policy (AdelaiDet / detectron2, FCOS_SPEC §2 "crowd/ignore handling"):
+Policy (AdelaiDet / detectron2):
 
 - crowd annotations (``iscrowd=1``) are never targets; the model has no ignore regions, so points inside a
   crowd box are ordinary negatives. They stay in :attr:`CocoDetection.coco`, where COCOeval uses them to

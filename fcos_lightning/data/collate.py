@@ -1,4 +1,4 @@
-"""Batching of variable-size detection samples (USER_NEEDS §3.1, §2.8).
+"""Batching of variable-size detection samples: one padded uint8 batch, targets kept per image.
 
 Images are zero-padded bottom/right to a common size divisible by the FPN's largest stride, as detectron2's
 ``ImageList.from_tensors`` does; each image's valid size is carried so the model can ignore the padding and

@@ -1,7 +1,7 @@
 """Samplers that shard for DDP themselves (the Trainer runs with ``use_distributed_sampler=False``).
 
 Lightning's automatic ``DistributedSampler`` does not compose with a batch sampler, and ranks must run the
-same number of steps or collectives hang (USER_NEEDS §3.1, §3.2). Both samplers here therefore give every rank
+same number of steps or collectives hang. Both samplers here therefore give every rank
 the same, precomputable number of items.
 """
 

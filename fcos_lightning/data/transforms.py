@@ -1,4 +1,4 @@
-"""torchvision.transforms.v2 pipelines on uint8 samples (AdelaiDet input pipeline, FCOS_SPEC §5 "Input").
+"""torchvision.transforms.v2 pipelines on uint8 samples (AdelaiDet's input pipeline).
 
 Train: detectron2 ``ResizeShortestEdge`` (one short side drawn per image, long side capped), horizontal flip,
 clamp, drop boxes under 1 px. Test: the same resize with a fixed short side. No normalisation here: the model

@@ -1,4 +1,4 @@
-"""FCOS loss (AdelaiDet, FCOS_SPEC §3): focal classification, IoU-family box loss weighted by centerness
+"""FCOS loss (AdelaiDet's): focal classification, IoU-family box loss weighted by centerness
 targets, centerness BCE. The normalizers (number of positives, sum of centerness targets) are averaged
 over DDP ranks, so the loss does not depend on how many processes share a batch.
 """

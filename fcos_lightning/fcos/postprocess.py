@@ -1,4 +1,4 @@
-"""Inference post-processing (AdelaiDet, FCOS_SPEC §4), batched over images.
+"""Inference post-processing (AdelaiDet's), batched over images.
 
 Per level: keep ``cls_prob > score_thresh`` (on the class probability; on ``cls * ctr`` with
 ``thresh_with_ctr``), take the top ``pre_nms_topk`` by ``cls * ctr``, decode ``point -/+ ltrb * stride``,

@@ -1,6 +1,6 @@
 """Target assignment: which ground-truth box (if any) each point regresses, batched over images.
 
-AdelaiDet's rules (FCOS_SPEC §2): a point is a candidate for a box when it lies in the box's centre region
+AdelaiDet's rules: a point is a candidate for a box when it lies in the box's centre region
 (radius ``center_sampling_radius * stride`` around the box centre, clipped to the box, strict inequalities)
 and the box's largest distance ``max(l, t, r, b)`` falls in the point's level size range (inclusive both
 ends). Among candidates the box of minimum area wins (first index on ties). Crowd boxes are never
@@ -154,7 +154,7 @@ class TargetAssigner:
         chunk = max(1, self.chunk_elements // (batch * boxes.shape[1]))
         for start in range(0, num_points, chunk):  # bounded-memory chunks, not a loop over points
             sl = slice(start, min(start + chunk, num_points))
-            idx, reg = self._assign_chunk(flat[sl], point_strides[sl], ranges[sl], boxes, valid)
+            idx, reg = self._assign_chunk(flat[sl], ranges[sl], boxes, valid)
             pos = idx >= 0
             out_idx[:, sl] = idx
             out_reg[:, sl] = reg / point_strides[sl, None] * pos[..., None]
@@ -236,32 +236,14 @@ class TargetAssigner:
         self._grids[key] = (forget, xs, ys)
         return xs, ys
 
-    def _assign_chunk(
-        self, points: Tensor, strides: Tensor, ranges: Tensor, boxes: Tensor, valid: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        # points [P, 2], strides [P], ranges [P, 2], boxes [B, M, 4], valid [B, M]
+    def _assign_chunk(self, points: Tensor, ranges: Tensor, boxes: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Without centre sampling: a point is a candidate for every box it lies inside (strictly)."""
+        # points [P, 2], ranges [P, 2], boxes [B, M, 4], valid [B, M]
         x = points[None, :, 0, None]  # [1, P, 1]
         y = points[None, :, 1, None]
         x0, y0, x1, y1 = (boxes[:, None, :, k] for k in range(4))  # [B, 1, M]
         ltrb = torch.stack((x - x0, y - y0, x1 - x, y1 - y), dim=-1)  # [B, P, M, 4]
-
-        if self.center_sampling_radius > 0:
-            radius = (strides * self.center_sampling_radius)[None, :, None]  # [1, P, 1]
-            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-            inside = (
-                torch.stack(
-                    (
-                        x - torch.maximum(cx - radius, x0),
-                        y - torch.maximum(cy - radius, y0),
-                        torch.minimum(cx + radius, x1) - x,
-                        torch.minimum(cy + radius, y1) - y,
-                    ),
-                    dim=-1,
-                ).amin(dim=-1)
-                > 0
-            )
-        else:
-            inside = ltrb.amin(dim=-1) > 0
+        inside = ltrb.amin(dim=-1) > 0
 
         max_dist = ltrb.amax(dim=-1)  # [B, P, M]
         lo, hi = ranges[None, :, 0, None], ranges[None, :, 1, None]

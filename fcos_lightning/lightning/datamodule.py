@@ -1,7 +1,7 @@
 """LightningDataModule for COCO-format data: datasets, self-sharding samplers, loaders.
 
 Create the Trainer with ``use_distributed_sampler=False``: the samplers here shard for DDP themselves (a batch
-sampler cannot be wrapped by Lightning's DistributedSampler, USER_NEEDS §3.1).
+sampler cannot be wrapped by Lightning's DistributedSampler).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What to do when a training loss is NaN/Inf (USER_NEEDS §1.3).
+"""What to do when a training loss is NaN/Inf: stop naming the batch, or skip the step.
 
 ``stop`` (default) raises :class:`NonFiniteLossError` with the step, the batch's image ids, every loss term
 and the learning rate; nothing is saved after it, so the last good checkpoint stays. ``skip`` logs the same

@@ -1,4 +1,4 @@
-"""Feature pyramid (detectron2/AdelaiDet FPN, FCOS_SPEC §1.3): 1x1 laterals, nearest 2x top-down sum, 3x3
+"""Feature pyramid (detectron2/AdelaiDet FPN): 1x1 laterals, nearest 2x top-down sum, 3x3
 outputs, no norm or ReLU; optional P6/P7 computed from the FPN's P5 with a ReLU between P6 and P7."""
 
 from __future__ import annotations

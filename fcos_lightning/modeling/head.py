@@ -1,4 +1,4 @@
-"""FCOS head (AdelaiDet, FCOS_SPEC §1.4): class and box towers (or one shared tower), predictors for class
+"""FCOS head (AdelaiDet's): class and box towers (or one shared tower), predictors for class
 logits, ltrb regression and centerness (on the box tower), a learnable scale per level and
 ``relu(scale * x)`` regression in stride units."""
 

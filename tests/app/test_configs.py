@@ -115,7 +115,7 @@ def test_schedule_scales_lr_and_iterations_with_global_batch(compose_cfg):
 
 # AdelaiDet's DLA-34 builds level3/level4 ``project`` layers it never calls; timm's dla34 omits them
 DLA_UNUSED_PROJECT = 41_728
-# experiment -> AdelaiDet's parameter count with 80 classes (../shared/spec/adelaidet_fcos_keys.txt)
+# experiment -> AdelaiDet's parameter count with 80 classes (tests/convert/adelaidet_fcos_keys.txt)
 ADELAIDET_PARAMS = {
     "R_50_1x": 32_244_250,
     "MS_R_50_2x": 32_244_250,

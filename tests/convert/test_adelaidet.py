@@ -222,7 +222,7 @@ def r50(tmp_path_factory):
     model = load_model(tmp / "ours.ckpt").network
     g = torch.Generator().manual_seed(4)
     rgb = (torch.rand(1, 3, 96, 128, generator=g) * 255).round()
-    # AdelaiDet's input: the same picture as BGR 0-255, minus its mean, over its std (FCOS_SPEC §1.1)
+    # AdelaiDet's input: the same picture as BGR 0-255, minus its mean, over its std
     bgr = rgb.flip(1)
     d2_input = (bgr - state["pixel_mean"][None]) / state["pixel_std"][None]
     return state, model, rgb, d2_input

@@ -1,4 +1,4 @@
-"""FCOS loss against values computed by hand (FCOS_SPEC §3)."""
+"""FCOS loss against values computed by hand."""
 
 from __future__ import annotations
 

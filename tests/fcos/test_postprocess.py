@@ -1,4 +1,4 @@
-"""Post-processing (FCOS_SPEC §4) on hand-built head outputs."""
+"""Post-processing on hand-built head outputs."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# --- parameter counts of what AdelaiDet puts on top of the backbone (FCOS_SPEC.md §1.3, §1.4) ---------------
+# --- parameter counts of what AdelaiDet puts on top of the backbone (AdelaiDet's FPN and head) ---------------
 
 
 def conv(k: int, cin: int, cout: int, bias: bool = True, groups: int = 1) -> int:

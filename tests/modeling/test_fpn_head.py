@@ -227,9 +227,9 @@ def test_parameter_counts_from_layer_shapes(norm, num_classes, top_levels, share
     assert sum(p.numel() for p in head.parameters()) == expected_head
     if (norm, num_classes, top_levels) == ("GN", 80, 2):
         resnet50_convs = 23_454_912  # ResNet-50 to res5 without fc; FrozenBN holds buffers, not parameters
-        assert resnet50_convs + expected_fpn + expected_head == 32_244_250  # AdelaiDet R-50 FCOS (FCOS_SPEC §6.1)
+        assert resnet50_convs + expected_fpn + expected_head == 32_244_250  # AdelaiDet's R-50 FCOS checkpoint
     if (norm, num_classes, top_levels) == ("GN", 91, 2):
-        # torchvision's fcos_resnet50_fpn (FCOS_SPEC §6.2) has the same layers without the 5 Scales
+        # torchvision's fcos_resnet50_fpn has the same layers without the 5 Scales
         assert resnet50_convs_plus(expected_fpn + expected_head - levels) == 32_269_600
 
 

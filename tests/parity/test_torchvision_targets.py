@@ -5,7 +5,7 @@
    seeded random cases. The one allowed difference: torchvision ranks candidate boxes by the float32 key
    ``1e8 - area``, which merges areas closer than the float32 spacing at 1e8 (8 px^2); where the two pick
    different boxes, both boxes must have the same float32 key (we then pick the truly smaller one).
-2. AdelaiDet conventions (offset 0.5, inclusive ranges) against a slow reference that follows FCOS_SPEC §2
+2. AdelaiDet conventions (offset 0.5, inclusive ranges) against a slow reference that follows AdelaiDet's rules
    literally with Python loops, on coordinates exact in float32.
 """
 
@@ -147,7 +147,7 @@ def test_matches_torchvision(tv_fcos):
 
 
 def reference_targets(points_per_level, boxes, labels, crowd, radius, num_classes):
-    """FCOS_SPEC §2 with plain loops: per point, candidate boxes are non-crowd boxes whose centre region
+    """AdelaiDet's assignment rules with plain loops: per point, candidate boxes are non-crowd boxes whose centre region
     (``radius * stride`` around the box centre, clipped to the box; strict) contains the point and whose
     ``max(l, t, r, b)`` lies in the level's range, both ends inclusive; the min-area candidate wins, first
     index on ties. AdelaiDet's quirk (no positives at all when the first box's centre x is 0) is not
