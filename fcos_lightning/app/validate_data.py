@@ -6,7 +6,8 @@ from omegaconf import DictConfig
 
 from fcos_lightning.app.config import build, check_config, check_output_dir
 from fcos_lightning.app.train import prepare_data
-from fcos_lightning.data.validate import FPNGeometry, ValidationReport, validate_split
+from fcos_lightning.data.validate import ValidationReport, validate_split
+from fcos_lightning.evaluation.coverage import FPNCoverage
 
 
 def validate_data(cfg: DictConfig) -> ValidationReport:
@@ -16,7 +17,7 @@ def validate_data(cfg: DictConfig) -> ValidationReport:
     prepare_data(cfg.data)
     model = build(cfg.model, num_classes=1)  # only its geometry is used
     dm = cfg.data.datamodule
-    geometry = FPNGeometry(
+    coverage = FPNCoverage(
         strides=tuple(model.strides),
         sizes_of_interest=tuple(model.sizes_of_interest),
         center_sampling_radius=cfg.module.center_sampling_radius,
@@ -26,7 +27,7 @@ def validate_data(cfg: DictConfig) -> ValidationReport:
     )
     v = cfg.validate
     splits = [
-        validate_split(s, cfg.data[s].ann_file, cfg.data[s].img_dir, geometry, v.images, v.num_workers)
+        validate_split(s, cfg.data[s].ann_file, cfg.data[s].img_dir, coverage, v.images, v.num_workers)
         for s in v.splits
     ]
     report = ValidationReport(splits)

@@ -35,6 +35,7 @@ import torch
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
+from .schema import CocoTables, check_coco
 from .decode import BadImageError, ImageSizeMismatchError, decode_image_file, exif_orientation, stored_size, transposes
 
 logger = logging.getLogger("fcos_lightning.data")
@@ -220,11 +221,13 @@ class CocoDetection(torch.utils.data.Dataset):
         self.filter_empty = bool(filter_empty)
 
         data = load_coco_json(self.ann_file)
-        if "categories" not in data:
-            raise ValueError(f"{self.ann_file}: no 'categories' key")
-        self.category_map = CategoryMap.from_categories(data["categories"], source=self.ann_file)
+        tables = check_coco(data)
+        if tables.errors:
+            raise ValueError(f"{self.ann_file}: {tables.errors[0].first()}")
+        names = tables.categories
+        self.category_map = CategoryMap(cat_ids=tuple(sorted(names)), names=tuple(names[c] for c in sorted(names)))
         data.setdefault("annotations", [])
-        self._index(data)
+        self._index(tables)
         self._check_files_exist()
         # The json dict is large (COCO train: ~1 GB as Python objects); keep it only for evaluation.
         self._coco: COCO | None = self._make_coco(data) if not self.train else None
@@ -254,63 +257,15 @@ class CocoDetection(torch.utils.data.Dataset):
         logger.warning("%s; on_bad_image=skip: they will be skipped", message)
 
     # ------------------------------------------------------------------ construction
-    def _index(self, data: dict) -> None:
+    def _index(self, tables: CocoTables) -> None:
+        """Per-image boxes as flat arrays from the schema-checked columns (crowd and sub-pixel boxes dropped)."""
         src = self.ann_file
-        images = data["images"]
-        n_img = len(images)
-        img_ids = np.empty(n_img, dtype=np.int64)
-        widths = np.empty(n_img, dtype=np.int64)
-        heights = np.empty(n_img, dtype=np.int64)
-        file_names: list[str] = []
-        for i, im in enumerate(images):
-            try:
-                img_ids[i], widths[i], heights[i] = im["id"], im["width"], im["height"]
-                file_names.append(str(im["file_name"]))
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(
-                    f"{src}: image entry #{i} (id={im.get('id') if isinstance(im, dict) else None}) needs "
-                    f"integer 'id', 'width', 'height' and a 'file_name' ({e!r})"
-                ) from e
-        if n_img and (widths.min() <= 0 or heights.min() <= 0):
-            i = int(np.flatnonzero((widths <= 0) | (heights <= 0))[0])
-            raise ValueError(f"{src}: image id {img_ids[i]} has size {widths[i]}x{heights[i]}")
-        uniq, counts = np.unique(img_ids, return_counts=True)
-        if (counts > 1).any():
-            raise ValueError(f"{src}: duplicate image ids {uniq[counts > 1][:10].tolist()}")
-
-        anns = data["annotations"]
-        n_ann = len(anns)
-        try:
-            ann_ids = np.array([a["id"] for a in anns], dtype=np.int64).reshape(n_ann)
-            ann_img = np.array([a["image_id"] for a in anns], dtype=np.int64).reshape(n_ann)
-            ann_cat = np.array([a["category_id"] for a in anns], dtype=np.int64).reshape(n_ann)
-            xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(n_ann, 4)
-        except (KeyError, TypeError, ValueError):
-            raise self._malformed_annotation_error(anns) from None
-        crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool).reshape(n_ann)
-
-        uniq, counts = np.unique(ann_ids, return_counts=True)
-        if (counts > 1).any():
-            raise ValueError(f"{src}: duplicate annotation ids {uniq[counts > 1][:10].tolist()}")
+        img_ids, widths, heights, file_names = tables.image_ids, tables.widths, tables.heights, tables.file_names
+        n_img = len(img_ids)
+        ann_img, ann_cat, xywh, crowd = tables.ann_image_ids, tables.ann_category_ids, tables.bboxes, tables.iscrowd
         cmap_ids = np.asarray(self.category_map.cat_ids, dtype=np.int64)
-        bad = ~np.isin(ann_cat, cmap_ids)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{src}: annotation id {ann_ids[i]} (image id {ann_img[i]}) has category_id {ann_cat[i]}, "
-                f"which is not in 'categories' {cmap_ids.tolist()} ({int(bad.sum())} such annotations)"
-            )
         order = np.argsort(img_ids, kind="stable")
-        pos = np.searchsorted(img_ids[order], ann_img)
-        pos = np.minimum(pos, max(n_img - 1, 0))
-        bad = (img_ids[order][pos] != ann_img) if n_img else np.ones(n_ann, dtype=bool)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{src}: annotation id {ann_ids[i]} refers to image id {ann_img[i]}, which is not in "
-                f"'images' ({int(bad.sum())} such annotations)"
-            )
-        ann_img_idx = order[pos] if n_ann else np.empty(0, dtype=np.int64)
+        ann_img_idx = order[np.searchsorted(img_ids[order], ann_img)]  # every image id is listed (schema)
 
         # COCO xywh -> xyxy, clipped to the json's image size.
         w_img = widths[ann_img_idx].astype(np.float64)
@@ -351,21 +306,6 @@ class CocoDetection(torch.utils.data.Dataset):
             f"to the image; {self.num_removed_images} images removed for having no target box"
         )
         logger.log(logging.WARNING if self.num_dropped_boxes else logging.INFO, msg)
-
-    def _malformed_annotation_error(self, anns: list) -> ValueError:
-        """Error naming the first annotation without integer id/image_id/category_id or a 4-number bbox."""
-        for i, a in enumerate(anns):
-            try:
-                int(a["id"]), int(a["image_id"]), int(a["category_id"])
-                if len([float(v) for v in a["bbox"]]) != 4:
-                    raise ValueError("bbox must have 4 numbers")
-            except (KeyError, TypeError, ValueError) as e:
-                aid = a.get("id") if isinstance(a, dict) else None
-                return ValueError(
-                    f"{self.ann_file}: annotation #{i} (id={aid}) needs integer 'id', 'image_id', "
-                    f"'category_id' and a 4-number 'bbox' ({e!r})"
-                )
-        return ValueError(f"{self.ann_file}: malformed 'annotations'")
 
     @staticmethod
     def _make_coco(data: dict) -> COCO:

@@ -1,28 +1,24 @@
-"""Dataset validation before training (``python validate_data.py``; USER_NEEDS §1.1, §1.3).
+"""Dataset validation before training (``python validate_data.py``): every problem of a split, not the first.
 
 :func:`validate_split` reads a COCO-format json and its image folder and returns a :class:`SplitReport`: counts
 (images, annotations, per class, images without boxes, crowd-only images), every defect found, each as an
-:class:`Issue` naming the image / annotation ids, and how the boxes fall on the model's FPN levels at the test
-resolution. It never stops at the first problem, unlike the training loader.
+:class:`~fcos_lightning.data.schema.Issue` naming the image / annotation ids, and (given a coverage check) how
+the boxes fall on the model's FPN levels at the test resolution. It never stops at the first problem, unlike
+the training loader; both run the same schema check (:mod:`fcos_lightning.data.schema`).
 
-Errors (the run would crash, train on wrong targets or evaluate wrongly): malformed entries, duplicate image or
-annotation ids, annotations of unknown images or categories, non-finite boxes, boxes with zero or negative
-width or height, missing / undecodable image files and images whose decoded size (EXIF orientation applied)
-differs from the json's. Warnings: boxes extending outside the image (clipped by the loader; by how much),
-boxes left under 1 px after clipping (dropped), classes without boxes, and boxes that no location can take as
-a positive (FCOS's best possible recall below 1).
-
-The level statistics use the project's own :class:`TargetAssigner` on the json's boxes, scaled as the test
-transform scales them, batched over images, without decoding any image.
+Errors (the run would crash, train on wrong targets or evaluate wrongly): schema errors (malformed entries,
+duplicate image or annotation ids, annotations of unknown images or categories), non-finite boxes, boxes with
+zero or negative width or height, missing / undecodable image files and images whose decoded size (EXIF
+orientation applied) differs from the json's. Warnings: boxes extending outside the image (clipped by the
+loader; by how much), boxes left under 1 px after clipping (dropped), classes without boxes, and boxes that no
+location can take as a positive (FCOS's best possible recall below 1).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,16 +27,13 @@ import numpy as np
 import torch
 
 from fcos_lightning.files import write_json_atomic
-from fcos_lightning.fcos.points import make_points
-from fcos_lightning.fcos.targets import TargetAssigner, size_ranges
 
 from .decode import BadImageError, decode_image_file, exif_orientation, transposes
-from .transforms import ResizeShortestEdge
+from .schema import MAX_IDS, CocoTables, Issue, check_coco, issue
 
 __all__ = [
     "IMAGE_CHECKS",
-    "FPNGeometry",
-    "Issue",
+    "CoverageReport",
     "SplitReport",
     "ValidationReport",
     "check_image_file",
@@ -48,46 +41,21 @@ __all__ = [
 ]
 
 IMAGE_CHECKS = ("decode", "header", "none")
-MAX_IDS = 1000  # ids kept per issue in the JSON report (the count is always exact)
-SHOWN_IDS = 10  # ids shown per issue in the terminal
-IMAGES_PER_CALL = 4  # images per TargetAssigner call in the level statistics
 
 
 @dataclass
-class Issue:
-    """One kind of defect in one split: ``severity`` is ``error`` or ``warning``; ``ids`` the image or
-    annotation ids concerned (``id_kind``), at most :data:`MAX_IDS` of ``count``."""
+class CoverageReport:
+    """What a coverage check (e.g. :class:`~fcos_lightning.evaluation.coverage.FPNCoverage`) found: target boxes
+    per FPN level, how many boxes it saw, and ``(annotation id, detail)`` of the boxes no location can take."""
 
-    severity: str
-    code: str
-    message: str
-    count: int = 1
-    id_kind: str = ""
-    ids: list[int] = field(default_factory=list)
-    details: list[str] = field(default_factory=list)
-
-    def format(self) -> str:
-        text = f"[{self.severity.upper()}] {self.code}: {self.message}"
-        if self.ids:
-            more = f" ... (+{self.count - SHOWN_IDS})" if self.count > SHOWN_IDS else ""
-            text += f"\n      {self.id_kind} ids: {self.ids[:SHOWN_IDS]}{more}"
-        for d in self.details[:SHOWN_IDS]:
-            text += f"\n      {d}"
-        if len(self.details) > SHOWN_IDS:
-            text += f"\n      ... {len(self.details) - SHOWN_IDS} more in the JSON report"
-        return text
+    levels: list[dict[str, Any]]
+    num_target_boxes: int
+    unassignable: list[tuple[int, str]]
+    center_sampling_radius: float
 
 
-@dataclass(frozen=True)
-class FPNGeometry:
-    """What decides where boxes go: the model's strides and size ranges, centre sampling, test resolution."""
-
-    strides: tuple[int, ...]
-    sizes_of_interest: tuple[float, ...]
-    center_sampling_radius: float = 1.5
-    point_offset: float = 0.5
-    test_min_size: int = 800
-    test_max_size: int = 1333
+#: a coverage check: (h, w) per image id and (annotation id, xyxy) target boxes per image id -> report
+Coverage = Callable[[Mapping[int, tuple[int, int]], Mapping[int, Sequence[tuple[int, list[float]]]]], CoverageReport]
 
 
 @dataclass
@@ -117,10 +85,9 @@ class SplitReport:
     def warnings(self) -> list[Issue]:
         return [i for i in self.issues if i.severity == "warning"]
 
-    def add(self, severity: str, code: str, message: str, ids: Sequence[int] = (), id_kind: str = "", **kw) -> None:
-        ids = [int(i) for i in ids]
-        count = kw.pop("count", len(ids) or 1)
-        self.issues.append(Issue(severity, code, message, count, id_kind, ids[:MAX_IDS], **kw))
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        """Record an :func:`~fcos_lightning.data.schema.issue`."""
+        self.issues.append(issue(*args, **kwargs))
 
     def format(self) -> str:
         lines = [
@@ -131,7 +98,9 @@ class SplitReport:
             f"{self.num_crowd_only_images}",
         ]
         if self.levels:
-            lines.append("   boxes per FPN level (regression distance at the box centre = half the longer side, test size):")
+            lines.append(
+                "   boxes per FPN level (regression distance at the box centre = half the longer side, test size):"
+            )
             for lv in self.levels:
                 lo, hi = lv["range"]
                 span = f"{max(lo, 0):g}-{'inf' if hi is None else format(hi, 'g')} px"
@@ -207,25 +176,16 @@ def _check_image_job(job: tuple[str, int, tuple[int, int], str]) -> str | None:
     return check_image_file(*job)
 
 
-def _as_int(v: Any) -> int | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    return None
-
-
 def validate_split(
     split: str,
     ann_file: str,
     img_dir: str,
-    geometry: FPNGeometry | None = None,
+    coverage: Coverage | None = None,
     image_check: str = "decode",
     num_workers: int = 0,
 ) -> SplitReport:
-    """Validate one COCO-format split; see the module docstring for what is an error and what a warning."""
+    """Validate one COCO-format split; see the module docstring for what is an error and what a warning.
+    ``coverage``: the model's view of the boxes (levels, unassignable boxes); None skips it."""
     if image_check not in IMAGE_CHECKS:
         raise ValueError(f"image_check must be one of {list(IMAGE_CHECKS)}, got {image_check!r}")
     ann_file, img_dir = os.fspath(ann_file), os.fspath(img_dir)
@@ -239,176 +199,103 @@ def validate_split(
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         rep.add("error", "annotation_file_invalid", f"{ann_file} is not valid json: {e}")
         return rep
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        rep.add("error", "annotation_file_invalid", f"{ann_file}: expected an object with an 'images' list")
-        return rep
     if not os.path.isdir(img_dir):
         rep.add("error", "image_dir_missing", f"image directory not found: {img_dir}")
+    tables = check_coco(data)
+    rep.issues.extend(tables.issues)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        return rep
+    rep.num_images = len(tables.image_ids)
+    annotations = data.get("annotations", [])
+    rep.num_annotations = len(annotations) if isinstance(annotations, list) else 0
+    boxes_by_image = _boxes(tables, rep)
 
-    cat_names = _categories(data.get("categories"), rep)
-    images = _images(data["images"], rep)
-    anns = data.get("annotations", [])
-    if not isinstance(anns, list):
-        rep.add("error", "annotations_invalid", "'annotations' is not a list")
-        anns = []
-    boxes_by_image = _annotations(anns, images, cat_names, rep)
-
+    images = {
+        int(i): {"file_name": name, "width": int(w), "height": int(h)}
+        for i, name, w, h in zip(tables.image_ids, tables.file_names, tables.widths, tables.heights)
+    }
     if image_check != "none" and os.path.isdir(img_dir):
         _check_files(images, img_dir, image_check, num_workers, rep)
-    if geometry is not None:
-        # many small tensor ops: one intra-op thread is faster, and far faster on a busy machine
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            _fpn_levels(images, boxes_by_image, geometry, rep)
-        finally:
-            torch.set_num_threads(threads)
+    if coverage is not None:
+        sizes = {i: (im["height"], im["width"]) for i, im in images.items()}
+        _add_coverage(coverage(sizes, boxes_by_image), rep)
     return rep
 
 
-def _categories(categories: Any, rep: SplitReport) -> dict[int, str]:
-    names: dict[int, str] = {}
-    if not isinstance(categories, list) or not categories:
-        rep.add("error", "no_categories", "'categories' is missing or empty")
-        return names
-    dup = []
-    for c in categories:
-        cid = _as_int(c.get("id")) if isinstance(c, dict) else None
-        if cid is None:
-            rep.add("error", "malformed_category", f"category entry {c!r} needs an integer 'id' and a 'name'")
-            continue
-        if cid in names:
-            dup.append(cid)
-        names[cid] = str(c.get("name", cid))
-    if dup:
-        rep.add("error", "duplicate_category_id", "duplicate category ids", dup, "category")
-    return names
+def _boxes(tables: CocoTables, rep: SplitReport) -> dict[int, list[tuple[int, list[float]]]]:
+    """Box content checks on the annotations that passed the schema; the target boxes (clipped xyxy) per image."""
+    ids, image_ids, cats = tables.ann_ids, tables.ann_image_ids, tables.ann_category_ids
+    x, y, w, h = tables.bboxes.T
+    finite = np.isfinite(tables.bboxes).all(axis=1)
+    crowd = finite & tables.iscrowd
+    degenerate = finite & ~crowd & ((w <= 0) | (h <= 0))
+    rest = finite & ~crowd & ~degenerate
+    order = np.argsort(tables.image_ids)
+    row = order[np.searchsorted(tables.image_ids[order], image_ids)]  # every image id is listed (schema)
+    width, height = tables.widths[row].astype(np.float64), tables.heights[row].astype(np.float64)
+    overflow = np.maximum.reduce([np.zeros_like(x), -x, -y, x + w - width, y + h - height])
+    x0, y0 = np.maximum(x, 0.0), np.maximum(y, 0.0)
+    x1, y1 = np.minimum(x + w, width), np.minimum(y + h, height)
+    outside = rest & (overflow > 0)
+    tiny = rest & ((x1 - x0 < 1.0) | (y1 - y0 < 1.0))
+    kept = rest & ~tiny
 
-
-def _images(entries: list, rep: SplitReport) -> dict[int, dict]:
-    images: dict[int, dict] = {}
-    malformed, bad_size, dup = [], [], []
-    for i, im in enumerate(entries):
-        iid = _as_int(im.get("id")) if isinstance(im, dict) else None
-        w = _as_int(im.get("width")) if isinstance(im, dict) else None
-        h = _as_int(im.get("height")) if isinstance(im, dict) else None
-        if iid is None or w is None or h is None or not isinstance(im.get("file_name"), str):
-            malformed.append(f"image entry #{i} (id={im.get('id') if isinstance(im, dict) else None})")
-            continue
-        if w <= 0 or h <= 0:
-            bad_size.append(iid)
-        if iid in images:
-            dup.append(iid)
-            continue
-        images[iid] = {"file_name": im["file_name"], "width": w, "height": h}
-    rep.num_images = len(images)
-    if malformed:
-        rep.add("error", "malformed_image", "image entries without integer id/width/height and a file_name",
-                count=len(malformed), details=malformed)
-    if bad_size:
-        rep.add("error", "image_size_invalid", "images with zero or negative width/height in the json",
-                bad_size, "image")
-    if dup:
-        rep.add("error", "duplicate_image_id", "image ids used by more than one image entry", sorted(set(dup)),
-                "image")
-    if not images:
-        rep.add("error", "no_images", "the split has no usable image")
-    return images
-
-
-def _annotations(anns: list, images: dict[int, dict], cat_names: dict[int, str], rep: SplitReport):
-    seen: set[int] = set()
-    dup, unknown_img, unknown_cat, malformed, nonfinite, degenerate = [], [], [], [], [], []
-    outside, tiny = [], []
-    outside_details: list[str] = []
-    worst_overflow = 0.0
-    per_class: Counter[int] = Counter()
-    crowd_per_image: Counter[int] = Counter()
-    boxes_by_image: dict[int, list[tuple[int, list[float]]]] = defaultdict(list)
-    rep.num_annotations = len(anns)
-    for i, a in enumerate(anns):
-        aid = _as_int(a.get("id")) if isinstance(a, dict) else None
-        iid = _as_int(a.get("image_id")) if isinstance(a, dict) else None
-        cid = _as_int(a.get("category_id")) if isinstance(a, dict) else None
-        bbox = a.get("bbox") if isinstance(a, dict) else None
-        if aid is None or iid is None or cid is None or not isinstance(bbox, list) or len(bbox) != 4:
-            malformed.append(f"annotation #{i} (id={a.get('id') if isinstance(a, dict) else None})")
-            continue
-        if aid in seen:
-            dup.append(aid)
-        seen.add(aid)
-        if iid not in images:
-            unknown_img.append(aid)
-            continue
-        if cid not in cat_names:
-            unknown_cat.append(aid)
-            continue
-        try:
-            x, y, w, h = (float(v) for v in bbox)
-        except (TypeError, ValueError):
-            malformed.append(f"annotation #{i} (id={aid}): bbox {bbox!r}")
-            continue
-        if not all(math.isfinite(v) for v in (x, y, w, h)):
-            nonfinite.append(aid)
-            continue
-        crowd = bool(a.get("iscrowd", 0))
-        if crowd:
-            rep.num_crowd += 1
-            crowd_per_image[iid] += 1
-            continue
-        if w <= 0 or h <= 0:
-            degenerate.append(aid)
-            continue
-        W, H = images[iid]["width"], images[iid]["height"]
-        over = max(0.0, -x, -y, x + w - W, y + h - H)
-        x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
-        if over > 0:
-            worst_overflow = max(worst_overflow, over)
-            outside.append(aid)
-            outside_details.append(
-                f"annotation {aid} (image {iid}, width {W}, height {H}): bbox {[x, y, w, h]} extends {over:.1f} px outside"
-            )
-        if x1 - x0 < 1.0 or y1 - y0 < 1.0:
-            tiny.append(aid)
-            continue
-        per_class[cid] += 1
-        boxes_by_image[iid].append((aid, [x0, y0, x1, y1]))
-
-    rep.per_class = {f"{cat_names[c]} ({c})": per_class.get(c, 0) for c in sorted(cat_names)}
-    empty = [i for i in images if not boxes_by_image.get(i)]
+    rep.num_crowd = int(crowd.sum())
+    names = tables.categories
+    per_class = dict.fromkeys(sorted(names), 0)
+    for c, n in zip(*np.unique(cats[kept], return_counts=True)):
+        per_class[int(c)] = int(n)
+    rep.per_class = {f"{names[c]} ({c})": n for c, n in per_class.items()}
+    boxes_by_image: dict[int, list[tuple[int, list[float]]]] = {int(i): [] for i in tables.image_ids}
+    for j in np.flatnonzero(kept):
+        box = [float(x0[j]), float(y0[j]), float(x1[j]), float(y1[j])]
+        boxes_by_image[int(image_ids[j])].append((int(ids[j]), box))
+    empty = [i for i, boxes in boxes_by_image.items() if not boxes]
+    crowd_images = set(image_ids[crowd].tolist())
     rep.num_images_without_boxes = len(empty)
-    rep.num_crowd_only_images = sum(1 for i in empty if crowd_per_image.get(i))
-    if malformed:
-        rep.add("error", "malformed_annotation",
-                "annotations without integer id/image_id/category_id and a 4-number bbox",
-                count=len(malformed), details=malformed)
-    if dup:
-        rep.add("error", "duplicate_annotation_id", "annotation ids used more than once", sorted(set(dup)),
-                "annotation")
-    if unknown_img:
-        rep.add("error", "unknown_image_id", "annotations whose image_id is not in 'images'", unknown_img,
-                "annotation")
-    if unknown_cat:
-        rep.add("error", "unknown_category_id", "annotations whose category_id is not in 'categories' "
-                f"{sorted(cat_names)}", unknown_cat, "annotation")
-    if nonfinite:
-        rep.add("error", "nonfinite_box", "boxes with NaN/Inf coordinates", nonfinite, "annotation")
-    if degenerate:
+    rep.num_crowd_only_images = sum(1 for i in empty if i in crowd_images)
+
+    if (~finite).any():
+        rep.add("error", "nonfinite_box", "boxes with NaN/Inf coordinates", ids[~finite], "annotation")
+    if degenerate.any():
         rep.add("error", "degenerate_box", "boxes with zero or negative width or height (a classic NaN-loss cause)",
-                degenerate, "annotation")
-    if outside:
-        rep.add("warning", "box_outside_image",
-                f"boxes extending outside their image (clipped by the loader; worst by {worst_overflow:.1f} px)",
-                outside, "annotation", details=outside_details[:MAX_IDS])
-    if tiny:
+                ids[degenerate], "annotation")  # fmt: skip
+    if outside.any():
+        details = [
+            f"annotation {ids[j]} (image {image_ids[j]}, width {int(width[j])}, height {int(height[j])}): bbox "
+            f"{[float(v) for v in tables.bboxes[j]]} extends {overflow[j]:.1f} px outside"
+            for j in np.flatnonzero(outside)[:MAX_IDS]
+        ]
+        worst = f"clipped by the loader; worst by {overflow[outside].max():.1f} px"
+        rep.add("warning", "box_outside_image", f"boxes extending outside their image ({worst})", ids[outside],
+                "annotation", details=details)  # fmt: skip
+    if tiny.any():
         rep.add("warning", "box_dropped_after_clipping",
-                "boxes under 1 px wide or high after clipping to the image (dropped by the loader)", tiny,
-                "annotation")
-    no_boxes = [f"{cat_names[c]} ({c})" for c in sorted(cat_names) if not per_class.get(c)]
-    if no_boxes and images:
-        rep.add("warning", "class_without_boxes", f"classes with no (non-crowd) box: {no_boxes}",
-                count=len(no_boxes))
-    return {i: boxes_by_image.get(i, []) for i in images}
+                "boxes under 1 px wide or high after clipping to the image (dropped by the loader)", ids[tiny],
+                "annotation")  # fmt: skip
+    no_boxes = [f"{names[c]} ({c})" for c, n in per_class.items() if not n]
+    if no_boxes and len(tables.image_ids):
+        rep.add("warning", "class_without_boxes", f"classes with no (non-crowd) box: {no_boxes}", count=len(no_boxes))
+    return boxes_by_image
+
+
+def _add_coverage(found: CoverageReport, rep: SplitReport) -> None:
+    rep.levels = found.levels
+    rep.num_target_boxes = found.num_target_boxes
+    rep.num_unassignable_boxes = len(found.unassignable)
+    if found.num_target_boxes:
+        rep.best_possible_recall = 1.0 - len(found.unassignable) / found.num_target_boxes
+    if found.unassignable:
+        rep.add(
+            "warning",
+            "box_unassignable",
+            f"{len(found.unassignable)} boxes get no positive location under centre sampling (radius "
+            f"{found.center_sampling_radius}) at the test resolution: they can never be detected "
+            f"(best possible recall {rep.best_possible_recall:.4f})",
+            [i for i, _ in found.unassignable],
+            "annotation",
+            details=[d for _, d in found.unassignable],
+        )
 
 
 def _check_files(images: dict[int, dict], img_dir: str, mode: str, num_workers: int, rep: SplitReport) -> None:
@@ -437,65 +324,3 @@ def _check_files(images: dict[int, dict], img_dir: str, mode: str, num_workers: 
         if ids:
             code, msg = titles[kind]
             rep.add("error", code, msg, ids, "image", details=details[:MAX_IDS])
-
-
-def _fpn_levels(images: dict[int, dict], boxes_by_image: dict[int, list], geo: FPNGeometry, rep: SplitReport):
-    """Boxes per level and boxes no location can take, with :class:`TargetAssigner` at the test resolution."""
-    strides = list(geo.strides)
-    ranges = size_ranges(geo.sizes_of_interest, len(strides))
-    assigner = TargetAssigner(strides, geo.sizes_of_interest, geo.center_sampling_radius)
-    per_level = np.zeros(len(strides), dtype=np.int64)
-    groups: dict[tuple[int, int], list[tuple[list[int], torch.Tensor]]] = defaultdict(list)
-    ann_count = 0
-    for iid, entries in boxes_by_image.items():
-        if not entries:
-            continue
-        ann_ids, boxes = [e[0] for e in entries], [e[1] for e in entries]
-        im = images[iid]
-        nh, nw = ResizeShortestEdge.get_output_shape(im["height"], im["width"], geo.test_min_size, geo.test_max_size)
-        scale = torch.tensor([nw / im["width"], nh / im["height"]] * 2, dtype=torch.float32)
-        b = torch.tensor(boxes, dtype=torch.float32) * scale
-        half_long = (torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) / 2).numpy()
-        for k, (lo, hi) in enumerate(ranges):
-            per_level[k] += int(((half_long >= lo) & (half_long <= hi)).sum())
-        groups[(nh, nw)].append((ann_ids, b))
-        ann_count += len(boxes)
-
-    unassigned: list[str] = []
-    unassigned_ids: list[int] = []
-    for (h, w), items in groups.items():
-        sizes = [(-(-h // s), -(-w // s)) for s in strides]
-        grid = make_points(sizes, strides, geo.point_offset, "cpu")
-        items.sort(key=lambda t: len(t[1]))
-        for start in range(0, len(items), IMAGES_PER_CALL):
-            chunk = items[start : start + IMAGES_PER_CALL]
-            boxes = [b for _, b in chunk]
-            labels = [torch.zeros(len(b), dtype=torch.int64) for b in boxes]
-            matched = assigner(grid, boxes, labels, num_classes=1).matched_idx
-            for row, (ann_ids, b) in enumerate(chunk):
-                hit = torch.zeros(len(b), dtype=torch.bool)
-                hit[matched[row][matched[row] >= 0]] = True
-                for j in torch.nonzero(~hit).flatten().tolist():
-                    x0, y0, x1, y1 = b[j].tolist()
-                    unassigned.append(
-                        f"annotation {ann_ids[j]}: {x1 - x0:.1f}x{y1 - y0:.1f} px (w x h) at test size (h, w) = ({h}, {w})"
-                    )
-                    unassigned_ids.append(ann_ids[j])
-    rep.levels = [
-        {"level": int(round(math.log2(s))), "stride": s, "range": [lo, None if hi >= 1e8 else hi], "boxes": int(n)}
-        for s, (lo, hi), n in zip(strides, ranges, per_level)
-    ]
-    rep.num_target_boxes = ann_count
-    rep.num_unassignable_boxes = len(unassigned)
-    rep.best_possible_recall = 1.0 - len(unassigned) / ann_count if ann_count else None
-    if unassigned:
-        rep.add(
-            "warning",
-            "box_unassignable",
-            f"{len(unassigned)} boxes get no positive location under centre sampling (radius "
-            f"{geo.center_sampling_radius}) at the test resolution: they can never be detected "
-            f"(best possible recall {rep.best_possible_recall:.4f})",
-            unassigned_ids,
-            "annotation",
-            details=unassigned[:MAX_IDS],
-        )

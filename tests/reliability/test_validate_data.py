@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from fcos_lightning.app.validate_data import validate_data
-from fcos_lightning.data.validate import FPNGeometry, validate_split
+from fcos_lightning.data.validate import validate_split
+from fcos_lightning.evaluation.coverage import FPNCoverage
 from tests.app.test_e2e import TINY
 from tests.conftest import compose_config
 from tests.reliability.helpers import make_tiny_demo
@@ -124,7 +125,7 @@ def test_clean_dataset_passes(clean, tmp_path):
 
 
 def test_crowd_only_images_and_header_mode(small_coco):
-    geo = FPNGeometry(strides=(8, 16, 32), sizes_of_interest=(64, 128), test_min_size=32, test_max_size=64)
+    geo = FPNCoverage(strides=(8, 16, 32), sizes_of_interest=(64, 128), test_min_size=32, test_max_size=64)
     rep = validate_split("train", small_coco.ann_file, small_coco.img_dir, geo, image_check="header")
     assert rep.num_images == 7 and rep.num_crowd == 2
     assert rep.num_crowd_only_images == 1  # image 77

@@ -1,0 +1,58 @@
+"""The one COCO schema check: the dataset stops at the first error it finds, validate_data reports the same
+error with every id, and a well-formed file's columns come out the same through the fast and the per-entry path."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from fcos_lightning.data.coco import CocoDetection
+from fcos_lightning.data.schema import check_coco
+from fcos_lightning.data.validate import validate_split
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "ids"),
+    [
+        (lambda d: d["annotations"][4].update(category_id=99), "unknown_category_id", [5]),
+        (lambda d: d["annotations"][0].update(image_id=12345), "unknown_image_id", [1]),
+        (lambda d: d["annotations"][2].update(id=1), "duplicate_annotation_id", [1]),
+        (lambda d: d["images"].append(dict(d["images"][0])), "duplicate_image_id", [11]),
+        (lambda d: d["images"][1].update(width=0), "image_size_invalid", [22]),
+    ],
+)
+def test_dataset_stops_at_the_error_validate_data_reports(small_coco, change, code, ids):
+    data = copy.deepcopy(small_coco.data)
+    change(data)
+    ann_file = small_coco.write(data)
+    report = validate_split("train", ann_file, small_coco.img_dir, image_check="none")
+    issue = next(i for i in report.errors if i.code == code)
+    assert issue.ids == ids
+    with pytest.raises(ValueError) as raised:
+        CocoDetection(ann_file, small_coco.img_dir)
+    assert issue.first() in str(raised.value) and ann_file in str(raised.value)
+
+
+def test_ids_must_be_integers_not_booleans_or_fractions(small_coco):
+    data = copy.deepcopy(small_coco.data)
+    data["annotations"][1]["id"] = 2.5
+    data["annotations"][3]["category_id"] = True
+    data["annotations"][5]["image_id"] = 22.0  # an integral float is an integer
+    tables = check_coco(data)
+    (issue,) = tables.errors
+    assert issue.code == "malformed_annotation" and issue.count == 2
+    assert issue.details[0].startswith("annotation #1 (id=2.5)") and issue.details[1].startswith("annotation #3 (id=4)")
+    assert 6 in tables.ann_ids.tolist()
+
+
+def test_fast_and_per_entry_paths_give_the_same_columns(small_coco):
+    data = copy.deepcopy(small_coco.data)
+    fast = check_coco(data)
+    data["annotations"].append({"id": 99, "image_id": 11, "category_id": 3, "bbox": "not a box"})  # per-entry path
+    slow = check_coco(data)
+    assert [i.code for i in slow.issues] == ["malformed_annotation"] and not fast.issues
+    for column in ("ann_ids", "ann_image_ids", "ann_category_ids", "bboxes", "iscrowd"):
+        np.testing.assert_array_equal(getattr(slow, column), getattr(fast, column), err_msg=column)
+    assert fast.ann_ids.tolist() == list(range(1, 11)) and fast.iscrowd.sum() == 2
