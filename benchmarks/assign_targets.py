@@ -2,7 +2,7 @@
 
 Ours: :class:`~fcos_lightning.fcos.targets.TargetAssigner` with AdelaiDet settings (P3-P7, points at
 ``i * s + s // 2``, radius 1.5, inclusive ranges). torchvision: the matching inside ``FCOS.compute_loss``
-(its own geometry), captured by replacing the head's loss. Time: median of ``--repeats`` runs after one
+(its own conventions), captured by replacing the head's loss. Time: median of ``--repeats`` runs after one
 warm-up. Peak memory: every (implementation, box count) runs in a fresh subprocess; the figure is the growth
 of the process's peak RSS (``ru_maxrss``) during one assignment over a baseline assignment of the same inputs
 with no boxes (tracemalloc does not see torch's allocations).

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from benchmarks import assign_targets
-from fcos_lightning.convert import TORCHVISION_GEOMETRY, torchvision_to_fcos
+from fcos_lightning.convert import TORCHVISION_CONVENTIONS, torchvision_to_fcos
 from fcos_lightning.data.collate import pad_images
 from fcos_lightning.fcos.criterion import FCOSCriterion
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
@@ -119,7 +119,7 @@ def preset_channels_last(model: str) -> bool:
 
 
 def resnet50_pair(train: bool) -> tuple[nn.Module, FCOS]:
-    """torchvision ``fcos_resnet50_fpn`` and ours (torchvision's geometry: same detections).
+    """torchvision ``fcos_resnet50_fpn`` and ours (torchvision's conventions: same detections).
 
     Inference uses ``fcos_resnet50_fpn(weights=None, weights_backbone=None)`` (BN in eval mode). Training
     builds what that function builds with an ImageNet backbone (the reference recipe): FrozenBN, conv1 and
@@ -137,10 +137,10 @@ def resnet50_pair(train: bool) -> tuple[nn.Module, FCOS]:
         tv = TVFCOS(_resnet_fpn_extractor(trunk, 3, [2, 3, 4], LastLevelP6P7(256, 256)), num_classes=91)
     else:
         tv = fcos_resnet50_fpn(weights=None, weights_backbone=None)
-    backbone = TimmBackbone("resnet50", out_indices=(2, 3, 4), norm="frozen_bn", freeze_at=2)
+    backbone = TimmBackbone("resnet50", out_indices=(2, 3, 4), norm="FrozenBN", freeze_at=2)
     head = functools.partial(FCOSHead, norm="GN", use_scale=False)
     cl = preset_channels_last("r50")
-    ours = FCOS(backbone, head, 91, top_levels=2, point_offset=TORCHVISION_GEOMETRY.point_offset, channels_last=cl)
+    ours = FCOS(backbone, head, 91, top_levels=2, point_offset=TORCHVISION_CONVENTIONS.point_offset, channels_last=cl)
     load_converted(ours, tv)
     return tv, ours
 
@@ -164,14 +164,14 @@ class TimmFPN(nn.Module):
 
 def dla34_pair(train: bool) -> tuple[nn.Module, FCOS]:
     """torchvision's FCOS around timm DLA-34 + FPN P3-P5 (anchors 8/16/32, 512/736 resize) and our
-    ``dla34_rt`` preset (AdelaiDet geometry: points at s/2, Scales, its thresholds), same weights."""
+    ``dla34_rt`` preset (AdelaiDet's conventions: points at s/2, Scales, its thresholds), same weights."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.fcos import FCOS as TVFCOS
 
     torch.manual_seed(0)
     anchors = AnchorGenerator(((8,), (16,), (32,)), ((1.0,),) * 3)
     tv = TVFCOS(TimmFPN(), num_classes=80, min_size=512, max_size=736, anchor_generator=anchors)
-    backbone = TimmBackbone("dla34", out_indices=(3, 4, 5), norm="syncbn", freeze_at=-1)
+    backbone = TimmBackbone("dla34", out_indices=(3, 4, 5), norm="SyncBN", freeze_at=-1)
     head = functools.partial(FCOSHead, norm="GN")
     cl = preset_channels_last("dla34_rt")
     ours = FCOS(backbone, head, num_classes=80, top_levels=0, sizes_of_interest=(64, 128), channels_last=cl)
@@ -180,7 +180,7 @@ def dla34_pair(train: bool) -> tuple[nn.Module, FCOS]:
 
 
 MODELS = {
-    "R50-FPN 800x1333": (resnet50_pair, (800, 1333), TORCHVISION_GEOMETRY.postprocessor_kwargs()),
+    "R50-FPN 800x1333": (resnet50_pair, (800, 1333), TORCHVISION_CONVENTIONS.postprocessor_kwargs()),
     "DLA34-RT 512x683": (dla34_pair, (512, 683), {}),
 }
 

@@ -8,7 +8,12 @@ Conventions, stated once for the whole package:
   ``C`` (``num_classes``) counts foreground classes only;
 - shape comments use ``B`` images, ``R`` points (all levels concatenated, level-major, row-major inside a
   level), ``M`` ground-truth boxes, ``L`` FPN levels, ``C`` classes;
-- images travel as ``uint8`` RGB tensors ``[B, 3, H, W]``; the model normalizes them on its device.
+- images travel as ``uint8`` RGB tensors ``[B, 3, H, W]``; the model normalizes them on its device;
+- a model's *geometry* is where its points sit and which object sizes each level takes: ``strides``,
+  ``sizes_of_interest`` and ``point_offset``;
+- the run's configuration is ``cfg`` (a composed Hydra ``DictConfig``, seen only in ``fcos_lightning.app``);
+  a checkpoint describes its network with plain values instead (:mod:`fcos_lightning.checkpoint`);
+- norms are spelled ``FrozenBN``, ``BN``, ``SyncBN``, ``GN``, ``none`` (detectron2's names).
 """
 
 __version__ = "0.1.0"

@@ -111,7 +111,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
 
 def migrate(ckpt: Mapping[str, Any], path: str = "checkpoint") -> dict[str, Any]:
     """``ckpt`` in the current format. Version 0 is the layout before the format had a version: the whole
-    resolved run config under ``fcos_config``, the class map under ``category_map`` and, for converted files,
+    resolved config under ``fcos_config``, the class map under ``category_map`` and, for converted files,
     ``converted_from``. Entries that are not part of the format (Lightning's) are kept as they are."""
     version = ckpt.get("format_version", 0)
     if version == FORMAT_VERSION:
@@ -128,7 +128,7 @@ def migrate(ckpt: Mapping[str, Any], path: str = "checkpoint") -> dict[str, Any]
 
 
 #: version 0 spelled the backbone norms in lower case.
-_V0_BACKBONE_NORMS = {"frozen_bn": "frozen_bn", "bn": "bn", "syncbn": "syncbn"}
+_V0_BACKBONE_NORMS = {"frozen_bn": "FrozenBN", "bn": "BN", "syncbn": "SyncBN"}
 _V0_MODEL_KEYS = ("fpn_channels", "top_levels", "sizes_of_interest", "point_offset", "channels_last")
 _V0_CRITERION_KEYS = ("center_sampling_radius", "box_loss_type", "focal_alpha", "focal_gamma")
 

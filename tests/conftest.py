@@ -57,14 +57,14 @@ V0_CONFIG = Path(__file__).with_name("checkpoint_v0_config.yaml")
 @pytest.fixture(scope="session")
 def v0_checkpoint(tmp_path_factory) -> tuple[Path, FCOS]:
     """A checkpoint in format 0 (before the format had a version) as train.py wrote it at step 24: Lightning's
-    entries, the weights under ``model.``, ``category_map`` and the resolved run config as ``fcos_config``
+    entries, the weights under ``model.``, ``category_map`` and the resolved config as ``fcos_config``
     (``checkpoint_v0_config.yaml``); and the network that wrote it (random weights, the classifier made to fire).
     The network is built as that config's ``model`` node built it, spelled out: resnet18 (16-128 channels, BN,
     nothing frozen), 32-channel FPN on P3-P5, one GN conv per tower."""
     fcos_config = OmegaConf.to_container(OmegaConf.load(V0_CONFIG))
     torch.manual_seed(0)
     backbone = TimmBackbone(
-        "resnet18", (2, 3, 4), norm="bn", freeze_at=0, model_kwargs={"channels": [16, 32, 64, 128], "stem_width": 16}
+        "resnet18", (2, 3, 4), norm="BN", freeze_at=0, model_kwargs={"channels": [16, 32, 64, 128], "stem_width": 16}
     )
     head = functools.partial(FCOSHead, num_cls_convs=1, num_box_convs=1, norm="GN")
     network = FCOS(backbone, head, 3, fpn_channels=32, top_levels=0, sizes_of_interest=(64, 128)).eval()

@@ -23,7 +23,7 @@ STEPS = 60
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def tiny_fcos(norm: str = "bn") -> FCOS:
+def tiny_fcos(norm: str = "BN") -> FCOS:
     narrow = {"channels": [16, 32, 64, 128], "stem_width": 16}
     backbone = TimmBackbone("resnet18", out_indices=(2, 3, 4), norm=norm, freeze_at=0, model_kwargs=narrow)
     head = functools.partial(FCOSHead, norm="GN", num_cls_convs=2, num_box_convs=2)
@@ -52,7 +52,7 @@ def trained():
     return model.eval(), images, boxes, labels
 
 
-@pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
+@pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
 def test_folding_batch_norms_keeps_the_function(norm):
     torch.manual_seed(1)
     model = tiny_fcos(norm).eval()

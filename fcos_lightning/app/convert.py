@@ -27,7 +27,7 @@ log = logging.getLogger("fcos_lightning.convert")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def compose_run_config(overrides: list[str]) -> dict:
+def compose_config(overrides: list[str]) -> dict:
     """``conf/train.yaml`` composed with ``overrides`` and resolved to plain containers (no Hydra run)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -44,12 +44,12 @@ def convert_checkpoint(
 ) -> dict:
     """Convert ``input_path`` (an AdelaiDet or torchvision FCOS file) into a checkpoint of ours at ``output_path``.
 
-    The target network is built from the composed run config (random init, no download) and the converted
+    The target network is built from the composed config (random init, no download) and the converted
     weights are loaded into it strictly, so the written checkpoint is known to load. Returns the checkpoint.
     """
     state = load_state_dict_file(input_path)
     conversion, overrides, num_classes = convert_state_dict(source_format, state, stride_in_1x1)
-    cfg = OmegaConf.create(compose_run_config(overrides))
+    cfg = OmegaConf.create(compose_config(overrides))
     category_map = converted_category_map(num_classes)
     module = build_module(cfg, num_classes, category_map, None, source={"kind": "converted"})
     matched, report = match_to_model(conversion, module.model.state_dict())

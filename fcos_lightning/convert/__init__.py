@@ -3,8 +3,8 @@
 from fcos_lightning.convert.adelaidet import AdelaiDetArch, adelaidet_to_fcos, detect_architecture
 from fcos_lightning.convert.torchvision import (
     COCO80_TO_TORCHVISION91,
-    TORCHVISION_GEOMETRY,
-    TorchvisionGeometry,
+    TORCHVISION_CONVENTIONS,
+    TorchvisionConventions,
     check_shapes,
     load_torchvision_weights,
     torchvision_to_fcos,
@@ -15,8 +15,8 @@ __all__ = [
     "adelaidet_to_fcos",
     "detect_architecture",
     "COCO80_TO_TORCHVISION91",
-    "TORCHVISION_GEOMETRY",
-    "TorchvisionGeometry",
+    "TORCHVISION_CONVENTIONS",
+    "TorchvisionConventions",
     "check_shapes",
     "load_torchvision_weights",
     "torchvision_to_fcos",

@@ -136,7 +136,7 @@ def detect_architecture(state: Mapping[str, Tensor], stride_in_1x1: bool | None 
     if f"{HEAD}cls_logits.weight" not in state:
         raise ValueError(f"not an AdelaiDet FCOS state dict: no {HEAD}cls_logits.weight")
     if f"{BOTTOM_UP}base_layer.0.weight" in state:
-        backbone, norm, dcn = "dla34", "syncbn", ()
+        backbone, norm, dcn = "dla34", "SyncBN", ()
         default_s1 = False
     elif f"{BOTTOM_UP}stem.conv1.weight" in state:
         blocks = {int(m[1]) for k in state if (m := re.match(rf"{BOTTOM_UP}res4\.(\d+)\.", k))}
@@ -154,7 +154,7 @@ def detect_architecture(state: Mapping[str, Tensor], stride_in_1x1: bool | None 
         backbone = RESNETS[key]
         dcn = tuple(s for s in (2, 3, 4, 5) if f"{BOTTOM_UP}res{s}.0.conv2_offset.weight" in state)
         trainable_bn = any(k.startswith(f"{BOTTOM_UP}res") and k.endswith("num_batches_tracked") for k in state)
-        norm = "syncbn" if trainable_bn else "frozen_bn"
+        norm = "SyncBN" if trainable_bn else "FrozenBN"
         default_s1 = backbone in ("resnet50", "resnet101")
     else:
         raise ValueError(f"unknown AdelaiDet backbone: neither {BOTTOM_UP}stem.* nor {BOTTOM_UP}base_layer.*")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fcos_lightning.convert.adelaidet import Conversion, adelaidet_to_fcos, detect_architecture
-from fcos_lightning.convert.torchvision import TORCHVISION_GEOMETRY, torchvision_to_fcos
+from fcos_lightning.convert.torchvision import TORCHVISION_CONVENTIONS, torchvision_to_fcos
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.coco_categories import coco_category_map
 from fcos_lightning.files import safe_load
@@ -101,8 +101,8 @@ def converted_category_map(num_classes: int) -> CategoryMap:
 
 
 def torchvision_overrides() -> list[str]:
-    """Run-config overrides reproducing torchvision's ``fcos_resnet50_fpn`` (:data:`TORCHVISION_GEOMETRY`)."""
-    g = TORCHVISION_GEOMETRY
+    """Config overrides reproducing torchvision's ``fcos_resnet50_fpn`` (:data:`TORCHVISION_CONVENTIONS`)."""
+    g = TORCHVISION_CONVENTIONS
     return [
         "model=r50",
         "data=coco",
@@ -123,12 +123,12 @@ def torchvision_overrides() -> list[str]:
 def convert_state_dict(
     source_format: str, state: Mapping[str, Tensor], stride_in_1x1: bool | None = None
 ) -> tuple[Conversion, list[str], int]:
-    """``(conversion, run-config overrides, num_classes)`` for a source state dict."""
+    """``(conversion, config overrides, num_classes)`` for a source state dict."""
     if source_format == "adelaidet":
         arch = detect_architecture(state, stride_in_1x1)
         log.info("AdelaiDet architecture: %s", arch)
         conversion = adelaidet_to_fcos(state, arch)
-        # the buffers carry the input convention; the run config records it too (RGB order, 0-255 input)
+        # the buffers carry the input convention; the config records it too (RGB order, 0-255 input)
         convention = [f"++model.{k}={conversion.state_dict[k].flatten().tolist()}" for k in ("pixel_mean", "pixel_std")]
         return conversion, [*arch.overrides(), *convention], arch.num_classes
     if source_format == "torchvision":

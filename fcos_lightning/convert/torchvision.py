@@ -1,22 +1,27 @@
 """torchvision ``fcos_resnet50_fpn`` state dict -> :class:`~fcos_lightning.modeling.detector.FCOS` keys.
 
-Target model: ``FCOS(TimmBackbone("resnet50", out_indices=(2, 3, 4), norm="frozen_bn", stride_in_1x1=False),
+Target model: ``FCOS(TimmBackbone("resnet50", out_indices=(2, 3, 4), norm="FrozenBN", stride_in_1x1=False),
 partial(FCOSHead, norm="GN", use_scale=False), num_classes=91 or 80, top_levels=2)``. timm's ResNet-50 uses
 torchvision's parameter names and stride placement, so backbone keys copy over unchanged. The converted
 network computes what torchvision's does; to reproduce torchvision's *detections* and *targets* the pipeline
-also needs torchvision's geometry (:data:`TORCHVISION_GEOMETRY`): points at the cell corner, strict size
+also needs torchvision's conventions (:data:`TORCHVISION_CONVENTIONS`): points at the cell corner, strict size
 ranges, its score threshold and clipping before NMS. Proven in ``tests/parity/test_torchvision_model.py`` and
 ``tests/parity/test_torchvision_targets.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from fcos_lightning.fcos.postprocess import FCOSPostProcessor
+from fcos_lightning.fcos.targets import TargetAssigner
 
 #: torchvision's 91-slot COCO index of each of the 80 COCO classes, in contiguous (category-id sorted) order.
 #: Slots 0 (background) and 12, 26, 29, 30, 45, 66, 68, 69, 71, 83 ("N/A") hold no class.
@@ -41,8 +46,9 @@ NUM_LEVELS = 5
 
 
 @dataclass(frozen=True)
-class TorchvisionGeometry:
-    """Settings under which this package's points, targets and post-processing reproduce torchvision's FCOS.
+class TorchvisionConventions:
+    """torchvision's conventions: the settings under which this package's points, targets and post-processing
+    reproduce torchvision's FCOS.
 
     - ``point_offset``: torchvision's anchor centres sit at ``i * s``: ``make_points(..., offset=0.0)``.
     - ``use_scale``/``scale``: no per-level Scale: ``FCOSHead(use_scale=False)``, every scale 1.0.
@@ -74,25 +80,18 @@ class TorchvisionGeometry:
 
     def assigner_kwargs(self) -> dict:
         """Keyword arguments of :class:`~fcos_lightning.fcos.targets.TargetAssigner` besides ``strides``."""
-        return {
-            "sizes_of_interest": self.sizes_of_interest,
-            "center_sampling_radius": self.center_sampling_radius,
-            "inclusive_ranges": self.inclusive_ranges,
-        }
+        return self._arguments_of(TargetAssigner)
 
     def postprocessor_kwargs(self) -> dict:
         """Keyword arguments of :class:`~fcos_lightning.fcos.postprocess.FCOSPostProcessor`."""
-        return {
-            "score_thresh": self.score_thresh,
-            "thresh_with_ctr": self.thresh_with_ctr,
-            "pre_nms_topk": self.pre_nms_topk,
-            "nms_thresh": self.nms_thresh,
-            "max_detections": self.max_detections,
-            "clip_before_nms": self.clip_before_nms,
-        }
+        return self._arguments_of(FCOSPostProcessor)
+
+    def _arguments_of(self, cls: type) -> dict:
+        parameters = inspect.signature(cls).parameters
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in parameters}
 
 
-TORCHVISION_GEOMETRY = TorchvisionGeometry()
+TORCHVISION_CONVENTIONS = TorchvisionConventions()
 
 _FPN = re.compile(r"backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(?:0\.)?(weight|bias)")
 _EXTRA = re.compile(r"backbone\.fpn\.extra_blocks\.(p6|p7)\.(weight|bias)")

@@ -1,6 +1,6 @@
 """SyncBN under DDP: only the layers a preset declares synchronized become ``SyncBatchNorm``.
 
-The head (``norm: SyncBN``) and the FCOS_RT backbones (``norm: syncbn``) are built with plain
+The head and the FCOS_RT backbones declared ``norm: SyncBN`` are built with plain
 ``BatchNorm2d``. Only under DDP on CUDA with more than one process are exactly those layers turned into
 ``SyncBatchNorm``: FrozenBN stays frozen, GroupNorm is untouched and a head declared ``BN`` keeps per-process
 statistics. Lightning's ``Trainer(sync_batchnorm=True)`` would instead convert every BN of the model.
@@ -30,9 +30,9 @@ def should_sync_batchnorm(trainer: pl.Trainer) -> tuple[bool, str]:
 
 def sync_batchnorm_targets(model: nn.Module) -> dict[str, nn.Module]:
     """The parts of an FCOS network whose BatchNorm is declared synchronized: the head if its norm is
-    ``SyncBN``, the backbone if its norm is ``syncbn``."""
+    ``SyncBN``, the backbone if its norm is ``SyncBN``."""
     targets = {}
-    if getattr(getattr(model, "backbone", None), "norm", None) == "syncbn":
+    if getattr(getattr(model, "backbone", None), "norm", None) == "SyncBN":
         targets["backbone"] = model.backbone
     if getattr(getattr(model, "head", None), "norm", None) == "SyncBN":
         targets["head"] = model.head

@@ -29,7 +29,8 @@ from fcos_lightning.modeling.dcn import ModulatedDeformConv2d
 
 log = logging.getLogger(__name__)
 
-NORMS = ("frozen_bn", "bn", "syncbn")
+#: backbone norms, spelled as detectron2/AdelaiDet (and the head) spell them.
+NORMS = ("FrozenBN", "BN", "SyncBN")
 
 
 class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
@@ -117,8 +118,8 @@ class TimmBackbone(nn.Module):
         pretrained: let timm fetch/cache its ImageNet weights (honours ``HF_HUB_OFFLINE``, the local cache).
         weights: local timm/torchvision-style state-dict file, loaded before the stride/DCN/norm changes
             (plain trunk keys; see :func:`load_trunk_weights`).
-        norm: ``"frozen_bn"`` (every BN frozen, detectron2's ``FrozenBN``), ``"bn"`` or ``"syncbn"``
-            (trainable BN; the training code turns ``syncbn`` into ``SyncBatchNorm`` under multi-GPU DDP).
+        norm: ``"FrozenBN"`` (every BN frozen, as detectron2's ``FrozenBN``), ``"BN"`` or ``"SyncBN"``
+            (trainable BN; the training code turns ``SyncBN`` into ``SyncBatchNorm`` under multi-GPU DDP).
             Layers of frozen stages are FrozenBN whatever ``norm`` says.
         freeze_at: detectron2 ``FREEZE_AT``: 0 or -1 nothing frozen, 1 the stem, k the stem and the first k-1
             stages. ResNets: stem = ``conv1``/``bn1``, stages = ``layer1..layer4`` (res2..res5). DLA: stem =
@@ -138,7 +139,7 @@ class TimmBackbone(nn.Module):
         out_indices: Sequence[int] = (2, 3, 4),
         pretrained: bool = False,
         weights: str | None = None,
-        norm: str = "frozen_bn",
+        norm: str = "FrozenBN",
         freeze_at: int = 2,
         stride_in_1x1: bool = False,
         dcn_stages: Sequence[int] = (),
@@ -184,7 +185,7 @@ class TimmBackbone(nn.Module):
             for attr in unit:
                 module = getattr(self.body, attr).requires_grad_(False)
                 setattr(self.body, attr, convert_frozen_batch_norm(module))
-        if norm == "frozen_bn":
+        if norm == "FrozenBN":
             convert_frozen_batch_norm(self.body)
 
         self.out_channels: list[int] = list(self.body.feature_info.channels())

@@ -72,7 +72,7 @@ class ModulatedDeformConv2d(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, deformable_groups: int = 1) -> ModulatedDeformConv2d:
-        """A DCN that copies ``conv``'s geometry, weight and bias (bias only if ``conv`` has one).
+        """A DCN with ``conv``'s channels, kernel, stride, padding and dilation, its weight and its bias (if any).
 
         Used to swap a backbone's 3x3 conv in place; the new offset conv is zero-initialised.
         """

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from fcos_lightning.app.config import build
-from fcos_lightning.app.convert import compose_run_config, convert_checkpoint
+from fcos_lightning.app.convert import compose_config, convert_checkpoint
 from fcos_lightning.checkpoint import load_checkpoint, load_model, model_state
 from fcos_lightning.convert.adelaidet import adelaidet_to_fcos, detect_architecture
 from fcos_lightning.convert.checkpoint import convert_state_dict, load_state_dict_file, match_to_model
@@ -312,7 +312,7 @@ def test_derived_zoo_rows_convert_strictly(kind, backbone, stride_in_1x1, pixel_
     entries = derived_entries(kind)
     # convert_checkpoint without the file round trip (100M-parameter models)
     conversion, overrides, num_classes = convert_state_dict("adelaidet", synthetic_state(entries))
-    model_cfg = compose_run_config(overrides)["model"]
+    model_cfg = compose_config(overrides)["model"]
     model = build(OmegaConf.create(model_cfg), num_classes=num_classes)
     state, report = match_to_model(conversion, model.state_dict())
     assert not report.dropped and not report.filled

@@ -32,7 +32,7 @@ def make_module() -> FCOSLitModule:
     backbone = TimmBackbone(
         "resnet18",
         out_indices=(2, 3, 4),
-        norm="frozen_bn",
+        norm="FrozenBN",
         freeze_at=0,
         model_kwargs={"channels": [16, 32, 64, 128], "stem_width": 16},
     )

@@ -46,7 +46,7 @@ def test_cpu_and_single_process_convert_nothing_and_say_so(trainer_kwargs, why, 
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, **trainer_kwargs)
     sync, reason = should_sync_batchnorm(trainer)
     assert not sync and why in reason
-    model = small_fcos("syncbn", "SyncBN")
+    model = small_fcos("SyncBN", "SyncBN")
     before = norm_types(model)
     with caplog.at_level(logging.INFO, logger="fcos_lightning.lightning.syncbn"):
         counts = apply_sync_batchnorm(model, sync, reason)
@@ -57,7 +57,7 @@ def test_cpu_and_single_process_convert_nothing_and_say_so(trainer_kwargs, why, 
 
 
 def test_sync_decision_converts_exactly_the_declared_layers():
-    model = small_fcos("syncbn", "SyncBN", freeze_at=2)
+    model = small_fcos("SyncBN", "SyncBN", freeze_at=2)
     before = norm_types(model)
     counts = apply_sync_batchnorm(model, True, "forced for the test")
     after = norm_types(model)
@@ -82,7 +82,7 @@ def test_sync_decision_converts_exactly_the_declared_layers():
 
 @pytest.mark.parametrize(
     ("backbone_norm", "head_norm", "expected_parts"),
-    [("bn", "BN", set()), ("syncbn", "GN", {"backbone"}), ("frozen_bn", "SyncBN", {"head"})],
+    [("BN", "BN", set()), ("SyncBN", "GN", {"backbone"}), ("FrozenBN", "SyncBN", {"head"})],
 )
 def test_bn_declared_plain_stays_plain(backbone_norm, head_norm, expected_parts):
     model = small_fcos(backbone_norm, head_norm)
@@ -94,7 +94,7 @@ def test_bn_declared_plain_stays_plain(backbone_norm, head_norm, expected_parts)
 
 
 def test_lightning_module_converts_in_setup_when_told_to(monkeypatch, caplog):
-    module = FCOSLitModule(small_fcos("syncbn", "SyncBN"), {"cat_ids": [1, 2, 3], "names": ["a", "b", "c"]})
+    module = FCOSLitModule(small_fcos("SyncBN", "SyncBN"), {"cat_ids": [1, 2, 3], "names": ["a", "b", "c"]})
     module.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     with caplog.at_level(logging.INFO, logger="fcos_lightning.lightning.syncbn"):
         module.setup("fit")

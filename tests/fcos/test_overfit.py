@@ -36,7 +36,7 @@ def make_batch():
 
 def test_tiny_fcos_overfits_two_images():
     torch.manual_seed(0)
-    backbone = TimmBackbone("resnet18", out_indices=(2, 3, 4), norm="bn", freeze_at=0)
+    backbone = TimmBackbone("resnet18", out_indices=(2, 3, 4), norm="BN", freeze_at=0)
     head = functools.partial(FCOSHead, norm="GN", num_cls_convs=2, num_box_convs=2)
     model = FCOS(backbone, head, NUM_CLASSES, fpn_channels=32, top_levels=2)
     images, boxes, labels = make_batch()

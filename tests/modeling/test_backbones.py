@@ -15,7 +15,7 @@ from fcos_lightning.modeling.dcn import ModulatedDeformConv2d
 
 RESNET_C3_C5 = [512, 1024, 2048]
 DLA_LEVEL3_5 = [128, 256, 512]
-DLA = {"name": "dla34", "out_indices": (3, 4, 5), "norm": "syncbn", "freeze_at": -1}
+DLA = {"name": "dla34", "out_indices": (3, 4, 5), "norm": "SyncBN", "freeze_at": -1}
 
 
 @functools.cache
@@ -47,11 +47,11 @@ def fpn_params(in_channels: list[int], top_levels: int, ch: int = 256) -> int:
 
 
 def head_params(levels: int, norm: str = "gn", shared: bool = False, dcn: bool = False, classes: int = 80) -> int:
-    """4 cls + 4 bbox (or 4 shared) conv3x3(bias)+norm (GN: one affine pair, "bn": one BN per level);
+    """4 cls + 4 bbox (or 4 shared) conv3x3(bias)+norm (GN: one affine pair, "BN": one BN per level);
     cls_logits, bbox_pred, ctrness; one Scale per level; DCN head: the last cls and bbox tower conv gain a
     27-channel offset conv."""
     ch = 256
-    norm_affine = 2 * ch * (levels if norm == "bn" else 1)
+    norm_affine = 2 * ch * (levels if norm == "BN" else 1)
     towers = (4 if shared else 8) * (conv(3, ch, ch) + norm_affine)
     predictors = conv(3, ch, classes) + conv(3, ch, 4) + conv(3, ch, 1)
     return towers + predictors + levels + (2 * conv(3, ch, 27) if dcn else 0)
@@ -66,16 +66,16 @@ PUBLISHED = [
     ("R_50_1x", {"name": "resnet50"}, 32_244_250, fpn_params(RESNET_C3_C5, 2) + head_params(5), 0),
     (
         "RT_MS_R_50_4x_syncbn",
-        {"name": "resnet50", "norm": "syncbn"},
+        {"name": "resnet50", "norm": "SyncBN"},
         31_114_264,
         fpn_params(RESNET_C3_C5, 0) + head_params(3),
         0,
     ),
     (
         "RT_MS_R_50_4x_syncbn_bn_head",
-        {"name": "resnet50", "norm": "syncbn"},
+        {"name": "resnet50", "norm": "SyncBN"},
         31_122_456,
-        fpn_params(RESNET_C3_C5, 0) + head_params(3, norm="bn"),
+        fpn_params(RESNET_C3_C5, 0) + head_params(3, norm="BN"),
         0,
     ),
     (
@@ -103,7 +103,7 @@ PUBLISHED = [
         "RT_MS_DLA_34_4x_syncbn_shared_towers_bn_head",
         DLA,
         19_833_608,
-        fpn_params(DLA_LEVEL3_5, 0) + head_params(3, norm="bn", shared=True),
+        fpn_params(DLA_LEVEL3_5, 0) + head_params(3, norm="BN", shared=True),
         DLA_UNUSED_PROJECT,
     ),
 ]
@@ -189,7 +189,7 @@ RESNET_UNITS = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]
 
 @pytest.mark.parametrize("freeze_at", [-1, 0, 1, 2, 5])
 def test_freeze_at_resnet(freeze_at):
-    backbone = build("resnet50", norm="bn", freeze_at=freeze_at)
+    backbone = build("resnet50", norm="BN", freeze_at=freeze_at)
     for i, unit in enumerate(RESNET_UNITS):
         frozen = i < freeze_at
         modules = [m for attr in unit for m in getattr(backbone.body, attr).modules()]
@@ -199,7 +199,7 @@ def test_freeze_at_resnet(freeze_at):
 
 
 def test_freeze_at_dla_maps_stem_then_levels():
-    backbone = build("dla34", out_indices=(3, 4, 5), norm="bn", freeze_at=2)
+    backbone = build("dla34", out_indices=(3, 4, 5), norm="BN", freeze_at=2)
     body = backbone.body
     assert not any(p.requires_grad for p in [*body.base_layer.parameters(), *body.level0.parameters()])
     assert all(p.requires_grad for p in body.level1.parameters())
@@ -207,7 +207,7 @@ def test_freeze_at_dla_maps_stem_then_levels():
 
 
 def test_frozen_stages_stay_frozen_in_train_mode():
-    backbone = build("resnet50", norm="bn", freeze_at=2).train()
+    backbone = build("resnet50", norm="BN", freeze_at=2).train()
     frozen_bn = backbone.body.layer1[0].bn1
     live_bn = backbone.body.layer2[0].bn1
     frozen_before = frozen_bn.running_mean.clone(), backbone.body.bn1.running_var.clone()
@@ -226,7 +226,7 @@ def test_frozen_stages_stay_frozen_in_train_mode():
 
 
 def test_frozen_bn_everywhere_matches_batch_norm_in_eval():
-    backbone = build("resnet50", norm="frozen_bn", freeze_at=0)
+    backbone = build("resnet50", norm="FrozenBN", freeze_at=0)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
     assert all(p.requires_grad for p in backbone.parameters())
     assert all(p.ndim == 4 for p in backbone.parameters())  # FrozenBN affine terms are buffers

@@ -14,7 +14,7 @@ from fcos_lightning.modeling.head import FCOSHead
 
 def small_fcos(**kwargs) -> FCOS:
     narrow = {"channels": [16, 32, 64, 128], "stem_width": 16}
-    backbone = TimmBackbone("resnet18", out_indices=(2, 3, 4), norm="bn", freeze_at=0, model_kwargs=narrow)
+    backbone = TimmBackbone("resnet18", out_indices=(2, 3, 4), norm="BN", freeze_at=0, model_kwargs=narrow)
     head = functools.partial(FCOSHead, norm="GN", num_cls_convs=1, num_box_convs=1)
     return FCOS(backbone, head, 3, fpn_channels=64, top_levels=2, **kwargs)
 

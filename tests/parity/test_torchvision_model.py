@@ -1,5 +1,5 @@
 """Parity with torchvision's FCOS: a randomly perturbed ``fcos_resnet50_fpn`` converted into our FCOS computes
-the same per-level outputs and, with :data:`TORCHVISION_GEOMETRY`, the same detections.
+the same per-level outputs and, with :data:`TORCHVISION_CONVENTIONS`, the same detections.
 
 Tolerances, per level and output: ``max |ours - torchvision| <= 1e-4 * max(1, max |torchvision|)`` for class
 logits, centerness logits and box regression in pixels; detections: identical count and labels (matched one to
@@ -18,7 +18,7 @@ from torchvision.models.detection import fcos_resnet50_fpn
 
 from fcos_lightning.convert import (
     COCO80_TO_TORCHVISION91,
-    TORCHVISION_GEOMETRY,
+    TORCHVISION_CONVENTIONS,
     check_shapes,
     load_torchvision_weights,
     torchvision_to_fcos,
@@ -58,8 +58,8 @@ def perturbed_torchvision_fcos() -> torch.nn.Module:
 
 
 def build_ours(num_classes: int = 91) -> FCOS:
-    backbone = TimmBackbone("resnet50", out_indices=(2, 3, 4), pretrained=False, norm="frozen_bn", freeze_at=2)
-    head = functools.partial(FCOSHead, norm="GN", use_scale=TORCHVISION_GEOMETRY.use_scale)
+    backbone = TimmBackbone("resnet50", out_indices=(2, 3, 4), pretrained=False, norm="FrozenBN", freeze_at=2)
+    head = functools.partial(FCOSHead, norm="GN", use_scale=TORCHVISION_CONVENTIONS.use_scale)
     return FCOS(backbone, head, num_classes=num_classes, top_levels=2).eval()
 
 
@@ -192,8 +192,8 @@ def test_per_level_outputs_match(run):
 
 def _postprocess(run, **overrides):
     ours, outputs = run["ours"], run["outputs"]
-    post = FCOSPostProcessor(**{**TORCHVISION_GEOMETRY.postprocessor_kwargs(), **overrides})
-    decoder = FCOSDecoder(ours.strides, TORCHVISION_GEOMETRY.point_offset, post)
+    post = FCOSPostProcessor(**{**TORCHVISION_CONVENTIONS.postprocessor_kwargs(), **overrides})
+    decoder = FCOSDecoder(ours.strides, TORCHVISION_CONVENTIONS.point_offset, post)
     return decoder(outputs, torch.tensor([[HEIGHT, WIDTH]] * 2))
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.models.detection.fcos import FCOS as TorchvisionFCOS
 from torchvision.models.detection.image_list import ImageList
 
-from fcos_lightning.convert import TORCHVISION_GEOMETRY
+from fcos_lightning.convert import TORCHVISION_CONVENTIONS
 from fcos_lightning.fcos.points import make_points
 from fcos_lightning.fcos.targets import TargetAssigner
 
@@ -98,7 +98,7 @@ def random_boxes(rng: random.Random, num: int, height: int, width: int) -> torch
 
 def test_matches_torchvision(tv_fcos):
     rng = random.Random(0)
-    assigner = TargetAssigner(STRIDES, **TORCHVISION_GEOMETRY.assigner_kwargs())
+    assigner = TargetAssigner(STRIDES, **TORCHVISION_CONVENTIONS.assigner_kwargs())
     assert assigner.inclusive_ranges is False
     image_sizes = [(128, 128), (128, 256), (256, 128), (256, 384), (384, 256), (512, 640), (768, 1024)]
     trials = 350
@@ -111,7 +111,7 @@ def test_matches_torchvision(tv_fcos):
         labels = [torch.randint(0, NUM_CLASSES, (n,)) for n in counts]
 
         tv_idx, anchors, sizes = torchvision_matched_idxs(tv_fcos, boxes, height, width)
-        points = make_points(sizes, STRIDES, TORCHVISION_GEOMETRY.point_offset, "cpu")
+        points = make_points(sizes, STRIDES, TORCHVISION_CONVENTIONS.point_offset, "cpu")
         flat = torch.cat(points)
         assert torch.equal(flat, (anchors[0][:, :2] + anchors[0][:, 2:]) / 2)  # same locations
         ours = assigner(points, boxes, labels, NUM_CLASSES)
