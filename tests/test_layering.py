@@ -33,7 +33,7 @@ LIGHTNING = {"pytorch_lightning", "lightning", "lightning_fabric"}
 CONFIG = {"hydra", "omegaconf"}
 #: third-party packages each layer must not load: the library neither Lightning nor Hydra, the Lightning layer
 #: no config system; only the entry points (app) see a DictConfig.
-FORBIDDEN = {rank: LIGHTNING | CONFIG for rank in range(4)} | {4: CONFIG, 5: set()}
+FORBIDDEN = dict.fromkeys(range(4), LIGHTNING | CONFIG) | {4: CONFIG, 5: set()}
 
 
 def module_name(path: Path) -> str:
@@ -60,7 +60,9 @@ def imports(path: Path, module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in MODULES)
     return found

@@ -15,8 +15,8 @@ from fcos_lightning.app.train import build_module, make_schedule, world_size
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.demo import make_demo_dataset
 from fcos_lightning.runtime.precision import resolve_precision
-from tests.conftest import CONF_DIR
 
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 EXPERIMENTS = sorted(
     str(Path(p).relative_to(Path(CONF_DIR) / "experiment").with_suffix(""))
     for p in glob.glob(os.path.join(CONF_DIR, "experiment", "**", "*.yaml"), recursive=True)

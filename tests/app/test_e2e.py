@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -14,40 +15,8 @@ from pycocotools.cocoeval import COCOeval
 
 from fcos_lightning.app.evaluate import evaluate
 from fcos_lightning.app.train import train
-from fcos_lightning.data.demo import make_demo_dataset
 from fcos_lightning.lightning.module import warmup_multistep
 from fcos_lightning.modeling.detector import FCOS
-from tests.conftest import compose_config
-
-# A tiny, fast variant of the demo experiment (the point here is the plumbing, not the accuracy).
-TINY = [
-    "experiment=demo",
-    "data.batch_size=4",
-    "schedule.reference_batch_size=4",
-    "data.num_workers=0",
-    "data.datamodule.train_min_sizes=[192]",
-    "data.datamodule.test_min_size=192",
-    "data.datamodule.val_batch_size=2",
-    "model.fpn_channels=32",
-    "model.head.num_cls_convs=1",
-    "model.head.num_box_convs=1",
-    "model.backbone.model_kwargs={channels:[16,32,64,128],stem_width:16}",
-    "module.postprocessor.score_thresh=0.001",
-    "module.num_vis_images=2",
-    "trainer.enable_progress_bar=false",
-    "trainer.precision=32-true",
-]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(root, num_train=16, num_val=5, image_size=(192, 224), seed=1)
-    return root
-
-
-def tiny_cfg(root: Path, out: Path, *extra: str):
-    return compose_config("train", [*TINY, f"data.root={root}", "data.generate_demo=false", *extra], out)
 
 
 def pycocotools_metrics(ann_file: Path, detections: list[dict]) -> dict[str, float]:
@@ -60,10 +29,10 @@ def pycocotools_metrics(ann_file: Path, detections: list[dict]) -> dict[str, flo
     return dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), (max(float(s), 0.0) * 100 for s in ev.stats[:6])))
 
 
-def test_train_then_evaluate_matches_pycocotools(dataset, tmp_path, monkeypatch):
+def test_train_then_evaluate_matches_pycocotools(tiny_demo, tiny_cfg, compose_cfg, tmp_path, monkeypatch):
     run = tmp_path / "run"
     cfg = tiny_cfg(
-        dataset,
+        tiny_demo,
         run,
         "schedule.max_iter=24",
         "schedule.val_interval=12",
@@ -86,7 +55,7 @@ def test_train_then_evaluate_matches_pycocotools(dataset, tmp_path, monkeypatch)
     assert ckpt["classes"] == {"cat_ids": [2, 5, 9], "names": ["square", "disc", "ring"]}
 
     out = tmp_path / "eval"
-    ecfg = compose_config(
+    ecfg = compose_cfg(
         "evaluate",
         [
             f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
@@ -100,12 +69,14 @@ def test_train_then_evaluate_matches_pycocotools(dataset, tmp_path, monkeypatch)
     monkeypatch.setattr(
         FCOS, "forward_features", lambda self, x: network_batches.append(len(x)) or forward_features(self, x)
     )
+    start = time.perf_counter()
     metrics = evaluate(ecfg)
+    wall = time.perf_counter() - start
     assert network_batches and set(network_batches) == {1}  # cpu_micro_batch=1: val batches of 2, image by image
     written = json.loads((out / "metrics.json").read_text())
     detections = json.loads((out / "detections.json").read_text())
     assert detections, "score_thresh=0.001 must leave detections to score"
-    ann_file = dataset / "annotations" / "instances_val.json"
+    ann_file = tiny_demo / "annotations" / "instances_val.json"
     gt = json.loads(ann_file.read_text())
     assert {d["category_id"] for d in detections} <= {2, 5, 9}  # original, non-contiguous ids
     assert {d["image_id"] for d in detections} <= {im["id"] for im in gt["images"]}
@@ -115,12 +86,14 @@ def test_train_then_evaluate_matches_pycocotools(dataset, tmp_path, monkeypatch)
         assert written[key] == pytest.approx(value, abs=1e-9), key
         assert metrics[key] == pytest.approx(value, abs=1e-9), key
     assert set(written["per_class_AP"]) == {"square", "disc", "ring"}
-    assert written["images_per_second"] > 0
+    # the time the speed implies for the 5 images fits in the evaluate() call that measured it
+    assert written["num_images"] == 5 and written["images_per_second"] == metrics["images_per_second"]
+    assert 0 < written["num_images"] / written["images_per_second"] <= wall
     # the same checkpoint scored during training and by evaluate.py gives the same AP
     assert written["AP"] == pytest.approx(train_metrics["AP"], abs=1e-6)
 
 
-def test_resume_continues_at_same_step_and_lr(dataset, tmp_path):
+def test_resume_continues_at_same_step_and_lr(tiny_demo, tiny_cfg, tmp_path):
     run = tmp_path / "run"
     schedule = [
         "schedule.max_iter=12",
@@ -132,7 +105,7 @@ def test_resume_continues_at_same_step_and_lr(dataset, tmp_path):
         "callbacks.checkpoint.monitor=step",
         "callbacks.checkpoint.filename='step{step:03d}'",
     ]
-    train(tiny_cfg(dataset, run, *schedule))
+    train(tiny_cfg(tiny_demo, run, *schedule))
     ckpt8 = run / "checkpoints" / "step008.ckpt"
     assert ckpt8.is_file(), sorted(p.name for p in (run / "checkpoints").iterdir())
 
@@ -140,11 +113,11 @@ def test_resume_continues_at_same_step_and_lr(dataset, tmp_path):
     probe = tmp_path / "probe.json"
     train(
         tiny_cfg(
-            dataset,
+            tiny_demo,
             resumed,
             *schedule,
             f"ckpt_path={ckpt8}",
-            f"+callbacks.probe={{_target_:tests.app.probes.StepProbe,path:'{probe}'}}",
+            f"+callbacks.probe={{_target_:tests.app.conftest.StepProbe,path:'{probe}'}}",
         )
     )
     first = json.loads(probe.read_text())
@@ -156,17 +129,17 @@ def test_resume_continues_at_same_step_and_lr(dataset, tmp_path):
     assert final["global_step"] == 12
 
 
-def test_missing_annotation_file_fails_at_start_naming_it(dataset, tmp_path):
+def test_missing_annotation_file_fails_at_start_naming_it(tiny_demo, tiny_cfg, tmp_path):
     missing = tmp_path / "nope" / "instances_train.json"
     with pytest.raises(FileNotFoundError, match="instances_train.json"):
-        train(tiny_cfg(dataset, tmp_path / "run", f"data.train.ann_file={missing}"))
+        train(tiny_cfg(tiny_demo, tmp_path / "run", f"data.train.ann_file={missing}"))
 
 
-def test_unknown_category_fails_naming_the_annotation(dataset, tmp_path):
-    ann = json.loads((dataset / "annotations" / "instances_train.json").read_text())
+def test_unknown_category_fails_naming_the_annotation(tiny_demo, tiny_cfg, tmp_path):
+    ann = json.loads((tiny_demo / "annotations" / "instances_train.json").read_text())
     bad = ann["annotations"][3]
     bad["category_id"] = 77
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(ann))
     with pytest.raises(ValueError, match=rf"annotation id {bad['id']}\b.*77|77.*annotation id {bad['id']}\b"):
-        train(tiny_cfg(dataset, tmp_path / "run", f"data.train.ann_file={path}"))
+        train(tiny_cfg(tiny_demo, tmp_path / "run", f"data.train.ann_file={path}"))

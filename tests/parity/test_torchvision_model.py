@@ -14,7 +14,6 @@ import re
 
 import pytest
 import torch
-from torchvision.models.detection import fcos_resnet50_fpn
 
 from fcos_lightning.convert import (
     COCO80_TO_TORCHVISION91,
@@ -34,29 +33,6 @@ HEIGHT, WIDTH = 512, 640  # multiples of 128: torchvision's anchor strides are t
 SELECTED_CLASSES = [1, 3, 17, 44, 62]  # classes made likely, so NMS has same-class overlaps to suppress
 
 
-def perturbed_torchvision_fcos() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():  # every parameter: conv, BN, GN, biases
-            spread = p.std().item() if p.numel() > 1 else 0.0
-            p.add_(torch.randn(p.shape, generator=g) * 0.1 * (spread if spread > 0 else 1.0))
-        for name, b in model.named_buffers():  # BN statistics, so FrozenBN is not an identity
-            if name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-        cls = model.head.classification_head.cls_logits
-        cls.weight.mul_(3.0)
-        cls.bias.copy_(torch.randn(91, generator=g) * 0.3 - 8.0)
-        cls.bias[SELECTED_CLASSES] = -4.55
-        model.head.regression_head.bbox_reg.bias.add_(4.0)  # boxes of ~8 strides: neighbours overlap
-    model.transform.min_size = (HEIGHT,)  # no resizing: the scale is exactly 1.0
-    model.transform.max_size = WIDTH
-    return model
-
-
 def build_ours(num_classes: int = 91) -> FCOS:
     backbone = TimmBackbone("resnet50", out_indices=(2, 3, 4), pretrained=False, norm="FrozenBN", freeze_at=2)
     head = functools.partial(FCOSHead, norm="GN", use_scale=TORCHVISION_CONVENTIONS.use_scale)
@@ -64,8 +40,8 @@ def build_ours(num_classes: int = 91) -> FCOS:
 
 
 @pytest.fixture(scope="module")
-def tv_model():
-    return perturbed_torchvision_fcos()
+def tv_model(perturbed_tv_fcos):
+    return perturbed_tv_fcos(HEIGHT, WIDTH, tuple(SELECTED_CLASSES))
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ own process for DDP."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
@@ -11,7 +13,8 @@ from omegaconf import OmegaConf
 
 from fcos_lightning.app.launch import check_world_size, relaunches_script
 from fcos_lightning.app.train import world_size
-from tests.conftest import CONF_DIR
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def test_slurm_launcher_follows_the_trainer():

@@ -10,15 +10,14 @@ import pytest
 
 from fcos_lightning.app.train import train
 from fcos_lightning.data.decode import BadImageError
-from tests.reliability.helpers import make_tiny_demo, tiny_cfg
 
 SHORT = ["schedule.max_iter=8", "schedule.val_interval=8", "schedule.warmup_iters=2", "schedule.milestones=[7]"]
 
 
-@pytest.fixture(scope="module")
-def damaged(tmp_path_factory) -> tuple[Path, list[int], list[str]]:
+@pytest.fixture
+def damaged(tiny_demo_copy) -> tuple[Path, list[int], list[str]]:
     """A demo dataset with one corrupt JPEG and one truncated PNG among its training images."""
-    root = make_tiny_demo(tmp_path_factory.mktemp("bad_demo"))
+    root = tiny_demo_copy
     ann = json.loads((root / "annotations" / "instances_train.json").read_text())
     jpg = next(im for im in ann["images"] if im["file_name"].endswith(".jpg"))
     png = next(im for im in ann["images"] if im["file_name"].endswith(".png"))
@@ -30,14 +29,14 @@ def damaged(tmp_path_factory) -> tuple[Path, list[int], list[str]]:
     return root, [jpg["id"], png["id"]], [jpg["file_name"], png["file_name"]]
 
 
-def test_error_policy_stops_naming_the_file(damaged, tmp_path):
+def test_error_policy_stops_naming_the_file(damaged, tiny_cfg, tmp_path):
     root, ids, names = damaged
     with pytest.raises(BadImageError, match=r"demo_train_\d+\.(jpg|png) \(image id \d+\)") as e:
         train(tiny_cfg(root, tmp_path / "run", *SHORT, "data.on_bad_image=error"))
     assert any(name in str(e.value) for name in names)
 
 
-def test_skip_policy_finishes_and_reports_two_skipped(damaged, tmp_path):
+def test_skip_policy_finishes_and_reports_two_skipped(damaged, tiny_cfg, tmp_path):
     root, ids, _ = damaged
     run = tmp_path / "run"
     # one DataLoader worker: the skipped ids must reach the main process through the batches

@@ -11,9 +11,7 @@ from fcos_lightning.lightning.datamodule import COCODataModule
 
 @pytest.fixture(scope="module")
 def demo_paths(tmp_path_factory) -> dict:
-    return make_demo_dataset(
-        tmp_path_factory.mktemp("demo_dm"), num_train=16, num_val=6, image_size=(192, 240)
-    )
+    return make_demo_dataset(tmp_path_factory.mktemp("demo_dm"), num_train=16, num_val=6, image_size=(192, 240))
 
 
 def _dm(paths: dict, **kw) -> COCODataModule:

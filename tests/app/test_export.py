@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import time
 
 import pytest
 import torch
@@ -14,14 +15,13 @@ from fcos_lightning.app.export import export
 from fcos_lightning.checkpoint import load_model
 from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.runtime.onnx import OnnxFCOS, check_against_pytorch, sample_batch
-from tests.conftest import compose_config
 
 SIZES = [[192, 256], [256, 160], [150, 211]]
 
 
-def export_cfg(tmp_path, ckpt, *extra):
+def export_cfg(compose_cfg, tmp_path, ckpt, *extra):
     out = tmp_path / "export"
-    cfg = compose_config(
+    cfg = compose_cfg(
         "export",
         [f"ckpt_path={ckpt}", f"check_sizes={SIZES}", "bench_size=[192,256]", "bench_runs=3", *extra],
         out,
@@ -31,26 +31,33 @@ def export_cfg(tmp_path, ckpt, *extra):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_ckpt):
+def exported(tmp_path_factory, tiny_ckpt, compose_cfg):
+    """The tiny checkpoint exported, with the report, the log and the wall time of the export() call."""
     tmp_path = tmp_path_factory.mktemp("onnx")
     handler = logging.handlers.BufferingHandler(1000)
     logger = logging.getLogger("fcos_lightning")
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    start = time.perf_counter()
     try:
-        report = export(export_cfg(tmp_path, tiny_ckpt))
+        report = export(export_cfg(compose_cfg, tmp_path, tiny_ckpt))
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    return report, tmp_path, "\n".join(r.getMessage() for r in handler.buffer)
+    wall = time.perf_counter() - start
+    return report, tmp_path, "\n".join(r.getMessage() for r in handler.buffer), wall
 
 
 def test_onnx_detections_equal_pytorch_at_several_sizes(exported, tiny_ckpt):
-    report, tmp_path, log_text = exported
+    report, tmp_path, log_text, wall = exported
     assert [c["size"] for c in report["checks"]] == SIZES
     assert json.loads((tmp_path / "export" / "tiny.json").read_text())["outputs"] == report["outputs"]
-    assert "PyTorch" in log_text and "onnxruntime" in log_text and report["speed"]["onnxruntime_ms"] > 0
+    speed = report["speed"]
+    assert "PyTorch" in log_text and "onnxruntime" in log_text and speed["size"] == [192, 256]
+    assert speed["pytorch_over_onnxruntime"] == pytest.approx(speed["pytorch_ms"] / speed["onnxruntime_ms"])
+    # the medians are of 3 timed runs (plus a warm-up) each, all inside the export() call: in milliseconds
+    assert 0 < 3 * (speed["pytorch_ms"] + speed["onnxruntime_ms"]) / 1e3 < wall
     print(f"\nspeed: {report['speed']}")
 
     # independently of export()'s own check: detections through onnxruntime vs the PyTorch pipeline

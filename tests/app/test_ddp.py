@@ -13,9 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from fcos_lightning.data.demo import make_demo_dataset
-from tests.app.test_e2e import TINY
-
 REPO = Path(__file__).resolve().parents[2]
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 # iterations at the reference batch 4: the global batch 8 halves them to 4 steps
@@ -41,14 +38,7 @@ def run_script(
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(root, num_train=16, num_val=5, image_size=(192, 224), seed=1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def ddp_run(dataset, tmp_path_factory) -> Path:
+def ddp_run(tiny_overrides, tiny_demo, tmp_path_factory) -> Path:
     """``python train.py`` with 2 DDP processes and Hydra's default run dir, from an empty working dir."""
     cwd = tmp_path_factory.mktemp("ddp_train")
     # 24 steps of 2 x 4 images: enough for a non-zero AP to compare between 1 and 2 evaluation processes
@@ -59,8 +49,10 @@ def ddp_run(dataset, tmp_path_factory) -> Path:
         "schedule.milestones=[40]",
     ]
     probe_dir = cwd.parent / (cwd.name + "_probe")
-    probe = f"+callbacks.probe={{_target_:tests.distributed.probes.RankMetricsProbe,dir:'{probe_dir}'}}"
-    run_script("train.py", [*TINY, f"data.root={dataset}", "data.generate_demo=false", *DDP, *schedule, probe], cwd)
+    probe = f"+callbacks.probe={{_target_:tests.app.conftest.RankMetricsProbe,dir:'{probe_dir}'}}"
+    run_script(
+        "train.py", [*tiny_overrides, f"data.root={tiny_demo}", "data.generate_demo=false", *DDP, *schedule, probe], cwd
+    )
     return cwd
 
 
@@ -83,7 +75,7 @@ def test_ddp_training_writes_one_run_dir(ddp_run):
     assert "global batch 8 | lr 0.04 " in log, log
 
 
-def test_evaluate_on_two_processes_matches_one(ddp_run, dataset, tmp_path):
+def test_evaluate_on_two_processes_matches_one(ddp_run, tiny_demo, tmp_path):
     (run,) = (ddp_run / "outputs" / "train").iterdir()
     common = [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.precision=32-true", "num_pictures=0"]
     # batch 1: every image sees the same padding however the split falls (eval batch size is not under test)
@@ -105,13 +97,13 @@ def test_evaluate_on_two_processes_matches_one(ddp_run, dataset, tmp_path):
 
     assert sorted(map(key, d2)) == sorted(map(key, d1))  # the padded image's detections are not doubled
     assert {d["image_id"] for d in d2} <= {
-        im["id"] for im in json.loads((dataset / "annotations" / "instances_val.json").read_text())["images"]
+        im["id"] for im in json.loads((tiny_demo / "annotations" / "instances_val.json").read_text())["images"]
     }
 
 
-def test_multirun_over_head_norms_with_ddp(dataset, tmp_path):
+def test_multirun_over_head_norms_with_ddp(tiny_overrides, tiny_demo, tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["-m", *TINY, f"data.root={dataset}", "data.generate_demo=false", *DDP, *SHORT]
+    args = ["-m", *tiny_overrides, f"data.root={tiny_demo}", "data.generate_demo=false", *DDP, *SHORT]
     proc = run_script("train.py", [*args, "model/head=gn,bn", f"hydra.sweep.dir={sweep}"], tmp_path, timeout=400)
     # rank 1 of each job runs that job, not the whole sweep again (Lightning re-runs sys.argv, "-m" included)
     assert (proc.stdout + proc.stderr).count("Launching 2 jobs") == 1
@@ -128,13 +120,13 @@ def test_multirun_over_head_norms_with_ddp(dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_launch_writes_one_run_dir(dataset, tmp_path):
+def test_torchrun_launch_writes_one_run_dir(tiny_overrides, tiny_demo, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torchrun = ("-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", f"--master_port={port}")
     run = tmp_path / "run"
-    args = [*TINY, f"data.root={dataset}", "data.generate_demo=false", *DDP, *SHORT, f"hydra.run.dir={run}"]
+    args = [*tiny_overrides, f"data.root={tiny_demo}", "data.generate_demo=false", *DDP, *SHORT, f"hydra.run.dir={run}"]
     run_script("train.py", args, tmp_path, launcher=torchrun)
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[1:] == ["last.ckpt"]
@@ -144,11 +136,11 @@ def test_torchrun_launch_writes_one_run_dir(dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_slurm_environment_launch_writes_one_run_dir(dataset, tmp_path):
+def test_slurm_environment_launch_writes_one_run_dir(tiny_overrides, tiny_demo, tmp_path):
     """Two processes with the environment ``srun --ntasks=2`` gives them (no SLURM needed): Lightning takes
     ranks and the master address from SLURM and starts no processes itself."""
     run = tmp_path / "run"
-    args = [*TINY, f"data.root={dataset}", "data.generate_demo=false", *DDP, *SHORT, f"hydra.run.dir={run}"]
+    args = [*tiny_overrides, f"data.root={tiny_demo}", "data.generate_demo=false", *DDP, *SHORT, f"hydra.run.dir={run}"]
     slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0"}
     slurm |= {"SLURM_NODELIST": "127.0.0.1", "SLURM_JOB_ID": str(os.getpid()), "SLURM_JOB_NAME": "fcos"}
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **slurm}

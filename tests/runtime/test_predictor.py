@@ -16,9 +16,9 @@ from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import FCOSHead
 from fcos_lightning.runtime.optimize import fold_batch_norms, optimize_for_inference
 from fcos_lightning.runtime.predictor import Predictor
-from tests.fcos.test_overfit import NUM_CLASSES, make_batch
 
 STEPS = 60
+NUM_CLASSES = 3  # the classes of the two_images fixture
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -31,13 +31,13 @@ def tiny_fcos(norm: str = "BN") -> FCOS:
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(two_images):
     """A narrow FCOS trained on two generated images until it detects their five boxes confidently (~5 s)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # module-scoped, so set up before the single_thread fixture applies
     torch.manual_seed(0)
     model = tiny_fcos()
-    images, boxes, labels = make_batch()
+    images, boxes, labels = two_images
     criterion = FCOSCriterion.for_model(model)
     targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels, strict=True)]
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -53,7 +53,7 @@ def trained():
 
 
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
-def test_folding_batch_norms_keeps_the_function(norm):
+def test_folding_batch_norms_keeps_the_function(norm, two_images):
     torch.manual_seed(1)
     model = tiny_fcos(norm).eval()
     for m in model.modules():  # non-trivial statistics, so folding has something to get right
@@ -61,7 +61,7 @@ def test_folding_batch_norms_keeps_the_function(norm):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
-    images = make_batch()[0]
+    images = two_images[0]
     folded = copy.deepcopy(model)
     count = fold_batch_norms(folded)
     assert count == sum(1 for m in model.backbone.modules() if hasattr(m, "running_var"))

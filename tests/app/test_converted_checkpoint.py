@@ -10,12 +10,11 @@ from PIL import Image
 
 from fcos_lightning.app.evaluate import evaluate
 from fcos_lightning.data.coco_categories import COCO_CATEGORIES
-from tests.conftest import compose_config
-from tests.deploy.conftest import TV_HEIGHT, TV_WIDTH
 
 
-def test_evaluate_accepts_a_converted_checkpoint(tmp_path, tv_converted):
+def test_evaluate_accepts_a_converted_checkpoint(tmp_path, tv_converted, tv_image_size, compose_cfg):
     tv, ckpt = tv_converted
+    TV_HEIGHT, TV_WIDTH = tv_image_size  # noqa: N806
     images = tmp_path / "val"
     images.mkdir()
     rng = np.random.default_rng(1)
@@ -30,7 +29,7 @@ def test_evaluate_accepts_a_converted_checkpoint(tmp_path, tv_converted):
     ann_file = tmp_path / "val.json"
     ann_file.write_text(json.dumps(ann))
     out = tmp_path / "eval"
-    cfg = compose_config(
+    cfg = compose_cfg(
         "evaluate",
         [
             f"ckpt_path={ckpt}",

@@ -18,8 +18,6 @@ from fcos_lightning.app.train import train
 from fcos_lightning.checkpoint import load_checkpoint
 from fcos_lightning.files import UnsafeCheckpointError, safe_load
 from fcos_lightning.lightning.checkpoint_io import AtomicCheckpointIO, NonFiniteModelError
-from tests.app.test_e2e import TINY
-from tests.reliability.helpers import make_tiny_demo, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,13 +42,12 @@ def test_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_training_refuses_to_resume_from_an_unsafe_checkpoint(tmp_path):
+def test_training_refuses_to_resume_from_an_unsafe_checkpoint(tmp_path, tiny_demo, tiny_cfg):
     marker = tmp_path / "code_ran"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hook": _RunsCode(marker)}, evil)
-    root = make_tiny_demo(tmp_path / "demo")
     with pytest.raises(UnsafeCheckpointError, match="evil.ckpt"):
-        train(tiny_cfg(root, tmp_path / "run", "schedule.max_iter=2", f"ckpt_path={evil}"))
+        train(tiny_cfg(tiny_demo, tmp_path / "run", "schedule.max_iter=2", f"ckpt_path={evil}"))
     assert not marker.exists()
 
 
@@ -98,8 +95,8 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_pa
 RESUME = ["schedule.max_iter=9", "schedule.val_interval=3", "schedule.warmup_iters=2", "schedule.milestones=[7]"]
 
 
-def _train_subprocess(root: Path, run: Path, *extra: str) -> subprocess.Popen:
-    args = [*TINY, f"data.root={root}", "data.generate_demo=false", *RESUME, f"hydra.run.dir={run}", *extra]
+def _train_subprocess(tiny_overrides: list[str], root: Path, run: Path, *extra: str) -> subprocess.Popen:
+    args = [*tiny_overrides, f"data.root={root}", "data.generate_demo=false", *RESUME, f"hydra.run.dir={run}", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args],
@@ -126,18 +123,13 @@ def _final(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def resume_data(tmp_path_factory):
-    return make_tiny_demo(tmp_path_factory.mktemp("resume_demo"))
-
-
-def test_sigkill_then_resume_matches_uninterrupted_run(resume_data, tmp_path):
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_demo, tiny_cfg, tiny_overrides, tmp_path):
     reference = tmp_path / "reference"
-    train(tiny_cfg(resume_data, reference, *RESUME))
+    train(tiny_cfg(tiny_demo, reference, *RESUME))
 
     run = tmp_path / "killed"
     proc = _train_subprocess(
-        resume_data, run, "+callbacks.sleep={_target_:tests.reliability.helpers.SleepPerBatch,seconds:0.5}"
+        tiny_overrides, tiny_demo, run, "+callbacks.sleep={_target_:tests.lightning.conftest.SleepPerBatch,seconds:0.5}"
     )
     _wait_for(run / "checkpoints" / "last.ckpt", proc)
     proc.send_signal(signal.SIGKILL)
@@ -145,7 +137,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(resume_data, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert load_checkpoint(str(run / "checkpoints" / "last.ckpt"))["global_step"] == 3
 
-    train(tiny_cfg(resume_data, run, *RESUME, "ckpt_path=last"))
+    train(tiny_cfg(tiny_demo, run, *RESUME, "ckpt_path=last"))
     ref, res = _final(reference), _final(run)
     assert res["global_step"] == ref["global_step"] == 9
     for key, value in ref["state_dict"].items():
@@ -157,10 +149,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(resume_data, tmp_path):
 
 
 @pytest.mark.slow  # a second training subprocess: ~45 s on 2 busy cores
-def test_sigterm_saves_last_checkpoint_and_auto_resumes(resume_data, tmp_path):
+def test_sigterm_saves_last_checkpoint_and_auto_resumes(tiny_demo, tiny_cfg, tiny_overrides, tmp_path):
     run = tmp_path / "preempted"
     proc = _train_subprocess(
-        resume_data, run, "+callbacks.sleep={_target_:tests.reliability.helpers.SleepPerBatch,seconds:0.5}"
+        tiny_overrides, tiny_demo, run, "+callbacks.sleep={_target_:tests.lightning.conftest.SleepPerBatch,seconds:0.5}"
     )
     _wait_for(run / "checkpoints" / "last.ckpt", proc)
     proc.send_signal(signal.SIGTERM)
@@ -168,5 +160,5 @@ def test_sigterm_saves_last_checkpoint_and_auto_resumes(resume_data, tmp_path):
     assert "SIGTERM: saved" in out, out[-3000:]
     step = load_checkpoint(str(run / "checkpoints" / "last.ckpt"))["global_step"]
     assert 3 <= step < 9
-    train(tiny_cfg(resume_data, run, *RESUME, "ckpt_path=auto"))
+    train(tiny_cfg(tiny_demo, run, *RESUME, "ckpt_path=auto"))
     assert _final(run)["global_step"] == 9

@@ -10,11 +10,12 @@ from fcos_lightning.app.config import ConfigError
 from fcos_lightning.app.evaluate import evaluate
 from fcos_lightning.app.train import resolve_ckpt_path, train
 from fcos_lightning.app.validate_data import validate_data
-from tests.conftest import compose_config
 
 
-def _cfg(tmp_path, *overrides: str, name: str = "train"):
-    return compose_config(name, ["experiment=demo", *overrides], tmp_path / "run")
+@pytest.fixture
+def demo_cfg(compose_cfg, tmp_path):
+    """``demo_cfg(*overrides)``: the demo experiment's train config, run dir ``tmp_path / "run"``."""
+    return lambda *overrides: compose_cfg("train", ["experiment=demo", *overrides], tmp_path / "run")
 
 
 @pytest.mark.parametrize(
@@ -30,26 +31,26 @@ def _cfg(tmp_path, *overrides: str, name: str = "train"):
         ("module.on_nonfinite_loss=ignore", r"module\.on_nonfinite_loss: expected .*'stop', 'skip'"),
     ],
 )
-def test_bad_keys_and_values_fail_at_start_naming_the_key(tmp_path, override, pattern):
-    cfg = _cfg(tmp_path, override, f"data.root={tmp_path / 'no_data'}", "data.generate_demo=false")
+def test_bad_keys_and_values_fail_at_start_naming_the_key(demo_cfg, tmp_path, override, pattern):
+    cfg = demo_cfg(override, f"data.root={tmp_path / 'no_data'}", "data.generate_demo=false")
     with pytest.raises(ConfigError, match=pattern):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_unknown_top_level_key_is_rejected_by_hydra():
+def test_unknown_top_level_key_is_rejected_by_hydra(compose_cfg):
     with pytest.raises(ConfigCompositionException, match="foo"):
-        compose_config("train", ["experiment=demo", "foo=1"])
+        compose_cfg("train", ["experiment=demo", "foo=1"])
 
 
 @pytest.mark.parametrize(("group", "valid"), [("experiment", "MS_R_50_2x"), ("model", "r50"), ("data", "coco")])
-def test_missing_preset_lists_the_valid_ones(group, valid):
+def test_missing_preset_lists_the_valid_ones(compose_cfg, group, valid):
     with pytest.raises(MissingConfigException, match=rf"(?s)Could not find '{group}/nope'.*Available options.*{valid}"):
-        compose_config("train", [f"{group}=nope"])
+        compose_cfg("train", [f"{group}=nope"])
 
 
-def test_output_dir_missing_or_not_writable(tmp_path):
-    cfg = _cfg(tmp_path)
+def test_output_dir_missing_or_not_writable(demo_cfg, compose_cfg, tmp_path):
+    cfg = demo_cfg()
     cfg.output_dir = ""
     with pytest.raises(ConfigError, match="output_dir is not set"):
         train(cfg)
@@ -58,10 +59,10 @@ def test_output_dir_missing_or_not_writable(tmp_path):
     cfg.output_dir = str(blocker / "run")
     with pytest.raises(ConfigError, match=r"output_dir=.*a_file/run: cannot create or write"):
         train(cfg)
-    vcfg = compose_config("validate_data", ["experiment=demo"], blocker / "v")
+    vcfg = compose_cfg("validate_data", ["experiment=demo"], blocker / "v")
     with pytest.raises(ConfigError, match="output_dir="):
         validate_data(vcfg)
-    ecfg = compose_config("evaluate", ["ckpt_path=x.ckpt"], blocker / "e")
+    ecfg = compose_cfg("evaluate", ["ckpt_path=x.ckpt"], blocker / "e")
     with pytest.raises(ConfigError, match="output_dir="):
         evaluate(ecfg)
 

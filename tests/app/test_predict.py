@@ -10,26 +10,30 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from fcos_lightning.app.predict import predict
-from tests.conftest import compose_config
-from tests.deploy.conftest import TV_HEIGHT as HEIGHT
-from tests.deploy.conftest import TV_WIDTH as WIDTH
 
 
-def run_predict(tmp_path, ckpt, input_path, *extra):
-    out = tmp_path / "pred"
-    cfg = compose_config(
-        "predict", [f"ckpt_path={ckpt}", f"input={input_path}", f"output={out}", "device=cpu", *extra], out
-    )
-    cfg.output = str(out)
-    return predict(cfg), out
+@pytest.fixture
+def run_predict(compose_cfg, tmp_path):
+    """``run_predict(ckpt, input_path, *overrides)``: predict.py into ``tmp_path / "pred"``; (records, out dir)."""
+
+    def run(ckpt, input_path, *extra):
+        out = tmp_path / "pred"
+        overrides = [f"ckpt_path={ckpt}", f"input={input_path}", f"output={out}", "device=cpu", *extra]
+        cfg = compose_cfg("predict", overrides, out)
+        cfg.output = str(out)
+        return predict(cfg), out
+
+    return run
 
 
-def test_converted_torchvision_reproduces_torchvision_detections(tmp_path, tv_converted):
+def test_converted_torchvision_reproduces_torchvision_detections(tmp_path, tv_converted, tv_image_size, run_predict):
     tv, ckpt = tv_converted
+    HEIGHT, WIDTH = tv_image_size  # noqa: N806
 
     g = torch.Generator().manual_seed(5)
     image = (torch.rand(3, HEIGHT, WIDTH, generator=g) * 255).round().to(torch.uint8)
@@ -40,7 +44,7 @@ def test_converted_torchvision_reproduces_torchvision_detections(tmp_path, tv_co
 
     # the checkpoint's test resize (800/1333) would upscale: ask for torchvision's sizes, as the tv model has
     records, out = run_predict(
-        tmp_path, ckpt, tmp_path / "img.png", "score_thresh=null", "precision=32-true",
+        ckpt, tmp_path / "img.png", "score_thresh=null", "precision=32-true",
         f"test_min_size={HEIGHT}", f"test_max_size={WIDTH}",
     )  # fmt: skip
     written = json.loads((out / "img.png.json").read_text())
@@ -69,7 +73,7 @@ def test_converted_torchvision_reproduces_torchvision_detections(tmp_path, tv_co
     assert names.get(1, "person") == "person" and names.get(3, "car") == "car"
 
 
-def test_folder_of_mixed_images(tmp_path, tiny_ckpt):
+def test_folder_of_mixed_images(tmp_path, tiny_ckpt, run_predict):
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -81,7 +85,7 @@ def test_folder_of_mixed_images(tmp_path, tiny_ckpt):
     Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(folder / "rotated.jpg", exif=exif)
     (folder / "notes.txt").write_text("not an image")
 
-    records, out = run_predict(tmp_path, tiny_ckpt, folder, "score_thresh=0.0")
+    records, out = run_predict(tiny_ckpt, folder, "score_thresh=0.0")
     sizes = {r["file"].rsplit("/", 1)[-1]: (r["height"], r["width"]) for r in records}
     assert sizes == {"gray.png": (90, 70), "rgb.JPG": (100, 120), "rgba.png": (64, 80), "rotated.jpg": (60, 40)}
     for record in records:

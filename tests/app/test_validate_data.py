@@ -9,21 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from fcos_lightning.app.validate_data import validate_data
 from fcos_lightning.data.validate import validate_split
 from fcos_lightning.evaluation.coverage import FPNCoverage
-from tests.app.test_e2e import TINY
-from tests.conftest import compose_config
-from tests.reliability.helpers import make_tiny_demo
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory) -> Path:
-    return make_tiny_demo(tmp_path_factory.mktemp("clean_demo"))
 
 
 def _defective(clean: Path, dst: Path) -> dict:
@@ -73,12 +63,12 @@ def _defective(clean: Path, dst: Path) -> dict:
     return defects
 
 
-def test_every_defect_is_named_and_the_exit_code_is_non_zero(clean, tmp_path):
+def test_every_defect_is_named_and_the_exit_code_is_non_zero(tiny_demo, tiny_overrides, tmp_path):
     root = tmp_path / "bad"
-    defects = _defective(clean, root)
+    defects = _defective(tiny_demo, root)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [*TINY, f"data.root={root}", "data.generate_demo=false", f"hydra.run.dir={out}"]
+    args = [*tiny_overrides, f"data.root={root}", "data.generate_demo=false", f"hydra.run.dir={out}"]
     proc = subprocess.run(
         [sys.executable, str(REPO / "validate_data.py"), *args], cwd=REPO, env=env, capture_output=True, text=True
     )
@@ -113,8 +103,9 @@ def test_every_defect_is_named_and_the_exit_code_is_non_zero(clean, tmp_path):
     assert "FAILED" in text
 
 
-def test_clean_dataset_passes(clean, tmp_path):
-    cfg = compose_config("validate_data", [*TINY, f"data.root={clean}", "data.generate_demo=false"], tmp_path / "out")
+def test_clean_dataset_passes(tiny_demo, tiny_overrides, compose_cfg, tmp_path):
+    overrides = [*tiny_overrides, f"data.root={tiny_demo}", "data.generate_demo=false"]
+    cfg = compose_cfg("validate_data", overrides, tmp_path / "out")
     report = validate_data(cfg)
     assert report.ok and not any(s.issues for s in report.splits)
     written = json.loads((tmp_path / "out" / "validation.json").read_text())
