@@ -46,16 +46,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from benchmarks import assign_targets
-from fcos_lightning.convert import TORCHVISION_CONVENTIONS, torchvision_to_fcos
+from fcos_lightning.app.config import build
+from fcos_lightning.app.convert import compose_config
+from fcos_lightning.convert import torchvision_to_fcos
+from fcos_lightning.convert.checkpoint import torchvision_overrides
 from fcos_lightning.data.collate import pad_images
 from fcos_lightning.fcos.criterion import FCOSCriterion
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
-from fcos_lightning.modeling.backbones import TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
-from fcos_lightning.modeling.head import FCOSHead
 from fcos_lightning.runtime.optimize import autocast, autocast_dtype, optimize_for_inference
 from fcos_lightning.runtime.precision import resolve_precision
 from fcos_lightning.runtime.predictor import Predictor
@@ -111,15 +113,16 @@ def load_converted(ours: FCOS, tv_model: nn.Module) -> None:
         raise RuntimeError(f"weights do not match: missing {missing}, unexpected {set(converted) - set(own)}")
 
 
-def preset_channels_last(model: str) -> bool:
-    """Whether the ``model=<model>`` preset trains channels-last (``conf/model/<model>.yaml``)."""
-    from omegaconf import OmegaConf
+def preset(overrides: list[str], num_classes: int) -> tuple[FCOS, FCOSPostProcessor]:
+    """Our network (random weights, nothing downloaded) and post-processing as ``conf/train.yaml`` composes them
+    with ``overrides``: the same presets ``train.py`` runs, memory format included."""
+    cfg = OmegaConf.create(compose_config(overrides))
+    return build(cfg.model, num_classes=num_classes), build(cfg.module.postprocessor)
 
-    return bool(OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / f"{model}.yaml").channels_last)
 
-
-def resnet50_pair(train: bool) -> tuple[nn.Module, FCOS]:
-    """torchvision ``fcos_resnet50_fpn`` and ours (torchvision's conventions: same detections).
+def resnet50_pair(train: bool) -> tuple[nn.Module, FCOS, FCOSPostProcessor]:
+    """torchvision ``fcos_resnet50_fpn`` and ours: the ``r50`` preset with torchvision's conventions (the
+    overrides ``convert.py`` uses for torchvision's weights), so both find the same detections.
 
     Inference uses ``fcos_resnet50_fpn(weights=None, weights_backbone=None)`` (BN in eval mode). Training
     builds what that function builds with an ImageNet backbone (the reference recipe): FrozenBN, conv1 and
@@ -137,12 +140,9 @@ def resnet50_pair(train: bool) -> tuple[nn.Module, FCOS]:
         tv = TVFCOS(_resnet_fpn_extractor(trunk, 3, [2, 3, 4], LastLevelP6P7(256, 256)), num_classes=91)
     else:
         tv = fcos_resnet50_fpn(weights=None, weights_backbone=None)
-    backbone = TimmBackbone("resnet50", out_indices=(2, 3, 4), norm="FrozenBN", freeze_at=2)
-    head = functools.partial(FCOSHead, norm="GN", use_scale=False)
-    cl = preset_channels_last("r50")
-    ours = FCOS(backbone, head, 91, top_levels=2, point_offset=TORCHVISION_CONVENTIONS.point_offset, channels_last=cl)
+    ours, postprocessor = preset(torchvision_overrides(), num_classes=91)
     load_converted(ours, tv)
-    return tv, ours
+    return tv, ours, postprocessor
 
 
 class TimmFPN(nn.Module):
@@ -162,7 +162,7 @@ class TimmFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
 
 
-def dla34_pair(train: bool) -> tuple[nn.Module, FCOS]:
+def dla34_pair(train: bool) -> tuple[nn.Module, FCOS, FCOSPostProcessor]:
     """torchvision's FCOS around timm DLA-34 + FPN P3-P5 (anchors 8/16/32, 512/736 resize) and our
     ``dla34_rt`` preset (AdelaiDet's conventions: points at s/2, Scales, its thresholds), same weights."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -171,17 +171,14 @@ def dla34_pair(train: bool) -> tuple[nn.Module, FCOS]:
     torch.manual_seed(0)
     anchors = AnchorGenerator(((8,), (16,), (32,)), ((1.0,),) * 3)
     tv = TVFCOS(TimmFPN(), num_classes=80, min_size=512, max_size=736, anchor_generator=anchors)
-    backbone = TimmBackbone("dla34", out_indices=(3, 4, 5), norm="SyncBN", freeze_at=-1)
-    head = functools.partial(FCOSHead, norm="GN")
-    cl = preset_channels_last("dla34_rt")
-    ours = FCOS(backbone, head, num_classes=80, top_levels=0, sizes_of_interest=(64, 128), channels_last=cl)
+    ours, postprocessor = preset(["model=dla34_rt", "data=coco_rt"], num_classes=80)
     load_converted(ours, tv)
-    return tv, ours
+    return tv, ours, postprocessor
 
 
 MODELS = {
-    "R50-FPN 800x1333": (resnet50_pair, (800, 1333), TORCHVISION_CONVENTIONS.postprocessor_kwargs()),
-    "DLA34-RT 512x683": (dla34_pair, (512, 683), {}),
+    "R50-FPN 800x1333": (resnet50_pair, (800, 1333)),
+    "DLA34-RT 512x683": (dla34_pair, (512, 683)),
 }
 
 
@@ -248,13 +245,13 @@ def bench_inference(
     device: torch.device,
     peak: float | None,
 ) -> list[dict]:
-    make_pair, size, post_kwargs = MODELS[name]
-    tv, model = make_pair(train=False)
+    make_pair, size = MODELS[name]
+    tv, model, postprocessor = make_pair(train=False)
     tv.eval().to(device)
     precision = resolve_precision("auto", accelerator(device))
     baseline = copy.deepcopy(model).eval().to(device)
     fast = optimize_for_inference(model.to(device), precision=precision)
-    ours = Predictor(fast, FCOSPostProcessor(**post_kwargs), precision)
+    ours = Predictor(fast, postprocessor, precision)
     rows = []
     for batch in batches:
         imgs = images(batch, size)  # uint8 in host memory: end to end includes the transfer
@@ -265,17 +262,13 @@ def bench_inference(
 
         fns = {"ours": lambda imgs=imgs: ours(imgs), "torchvision": run_tv}
         if variants and batch == 1:
-            plain = Predictor(baseline, FCOSPostProcessor(**post_kwargs), precision)
-            fp32 = Predictor(
-                optimize_for_inference(copy.deepcopy(baseline)), FCOSPostProcessor(**post_kwargs), "32-true"
-            )
+            plain = Predictor(baseline, postprocessor, precision)
+            fp32 = Predictor(optimize_for_inference(copy.deepcopy(baseline)), postprocessor, "32-true")
             fns[f"ours {precision}, no BN folding/channels-last"] = functools.partial(plain, imgs)
             fns["ours fp32"] = functools.partial(fp32, imgs)
         if compiled and batch == 1:
             net = optimize_for_inference(copy.deepcopy(baseline), precision=precision)
-            fns["ours torch.compile"] = functools.partial(
-                Predictor(net, FCOSPostProcessor(**post_kwargs), compile=True), imgs
-            )
+            fns["ours torch.compile"] = functools.partial(Predictor(net, postprocessor, compile=True), imgs)
         t = interleaved(fns, warmup, repeats, device)
         label = f"inference {name} batch {batch}"
         absolute = ABSOLUTE_TARGETS.get(("inference", name.split()[0], batch)) if device.type == "cuda" else None
@@ -297,8 +290,8 @@ def bench_inference(
 def bench_training(
     name: str, warmup: int, repeats: int, variants: bool, device: torch.device, batch: int = 2
 ) -> list[dict]:
-    make_pair, size, _ = MODELS[name]
-    tv, model = make_pair(train=True)
+    make_pair, size = MODELS[name]
+    tv, model, _ = make_pair(train=True)
     tv.to(device)
     model.to(device)
     num_classes = model.num_classes
