@@ -149,10 +149,11 @@ def check_output_dir(output_dir: str | os.PathLike | None, key: str = "output_di
 
 
 def build(cfg: DictConfig, **kwargs):
-    """``hydra.utils.instantiate`` that raises the constructor's own error (e.g. FileNotFoundError naming the
-    missing file) instead of Hydra's wrapper around it."""
+    """``hydra.utils.instantiate`` for every node the entry points build: constructors get plain dicts and lists
+    (``_convert_="all"``), never config objects, and the constructor's own error is raised (e.g. a
+    FileNotFoundError naming the missing file) instead of Hydra's wrapper around it."""
     try:
-        return instantiate(cfg, **kwargs)
+        return instantiate(cfg, _convert_="all", **kwargs)
     except InstantiationException as e:
         if isinstance(e.__cause__, TypeError):  # e.g. an unexpected keyword: name the config node
             raise TypeError(f"{cfg._get_full_key(None) or cfg.get('_target_')}: {e.__cause__}") from None

@@ -6,10 +6,9 @@ import math
 import time
 
 import pytorch_lightning as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fcos_lightning.app.config import check_config, check_output_dir
+from fcos_lightning.app.config import build, check_config, check_output_dir
 from fcos_lightning.checkpoint import load_checkpoint, load_network
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.evaluation.coco import METRIC_NAMES, format_table
@@ -49,7 +48,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     # The fast inference path: BN folded into convs, channels-last, conv weights stored in the autocast dtype.
     optimize_for_inference(module.model, precision=precision, cpu_micro_batch=cfg.cpu_micro_batch)
-    trainer: pl.Trainer = instantiate(cfg.trainer, precision=precision, logger=False, default_root_dir=str(output_dir))
+    trainer: pl.Trainer = build(cfg.trainer, precision=precision, logger=False, default_root_dir=str(output_dir))
     start = time.perf_counter()
     metrics = validation_metrics(trainer.validate(module, datamodule=datamodule)[0])
     elapsed = time.perf_counter() - start

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fcos_lightning.app.config import build, check_config, check_output_dir
@@ -126,7 +125,7 @@ def build_module(
             "warmup_factor": cfg.schedule.warmup_factor,
             "gamma": cfg.schedule.gamma,
         }
-    return instantiate(cfg.module, _partial_=True)(
+    return build(cfg.module, _partial_=True)(
         model=model,
         category_map=category_map.to_dict(),
         test_resize={"min_size": int(dm.test_min_size), "max_size": int(dm.test_max_size)},
@@ -172,10 +171,10 @@ def train(cfg: DictConfig) -> float:
             raise ValueError("init_from= (weights only, fine-tuning) and ckpt_path= (full resume) exclude each other")
         init_from_checkpoint(module.model, cfg.init_from, datamodule.category_map)
 
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    callbacks = [build(c) for c in cfg.get("callbacks", {}).values()]
+    logger = build(cfg.logger) if cfg.get("logger") else False
     precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
-    trainer: pl.Trainer = instantiate(
+    trainer: pl.Trainer = build(
         cfg.trainer,
         precision=precision,
         max_steps=schedule.max_steps,

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fcos_lightning.app.train import build_module, make_schedule, world_size
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.demo import make_demo_dataset
+from fcos_lightning.modeling.backbones import TimmBackbone
 from fcos_lightning.runtime.precision import resolve_precision
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -133,3 +134,20 @@ def test_preset_parameter_count_equals_adelaidet(experiment, compose_cfg, tmp_pa
     cfg = compose_cfg("train", [f"experiment={experiment}"], tmp_path)
     model = instantiate(cfg.model, num_classes=80)
     assert sum(p.numel() for p in model.parameters()) == ADELAIDET_PARAMS[experiment]
+
+
+def test_constructors_get_plain_values_not_config_objects(compose_cfg, tmp_path, monkeypatch):
+    received = []
+    init = TimmBackbone.__init__
+
+    def recording_init(self, *args, **kwargs):
+        received.append(kwargs)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(TimmBackbone, "__init__", recording_init)
+    cfg = compose_cfg("train", ["experiment=demo"], tmp_path)
+    module = build_module(cfg, CATEGORIES.num_classes, CATEGORIES, None)
+    (kwargs,) = received
+    assert type(kwargs["model_kwargs"]) is dict and type(kwargs["model_kwargs"]["channels"]) is list
+    assert type(kwargs["out_indices"]) is list and type(kwargs["dcn_stages"]) is list
+    assert not any(isinstance(v, DictConfig | ListConfig) for v in vars(module.decoder.postprocessor).values())
