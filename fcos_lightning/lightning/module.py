@@ -69,7 +69,7 @@ class FCOSLitModule(pl.LightningModule):
         num_vis_images: validation images drawn to TensorBoard at each round.
         output_dir: where ``metrics.json`` of the last validation and the pictures are written (None: not).
         on_nonfinite_loss: ``stop`` raises on a NaN/Inf training loss naming the batch's image ids and the
-            loss terms; ``skip`` logs that and skips the step (:mod:`fcos_lightning.nonfinite`).
+            loss terms; ``skip`` logs that and skips the step (:mod:`fcos_lightning.lightning.nonfinite`).
     """
 
     def __init__(

@@ -34,7 +34,7 @@ class FCOS(nn.Module):
         channels_last: run the network in channels-last memory format (faster convolutions on CPU and GPU).
         cpu_micro_batch: in eval mode on CPU inputs, run the backbone, FPN and head on this many images at a
             time and concatenate the outputs (identical per image: nothing mixes images), so the working set
-            stays in cache (:func:`~fcos_lightning.inference.optimize_for_inference` sets 1). None runs the
+            stays in cache (:func:`~fcos_lightning.runtime.optimize.optimize_for_inference` sets 1). None runs the
             whole batch at once, as training and GPUs always do.
     """
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.modeling.head import HeadOutputs
 
-log = logging.getLogger("fcos_lightning.export")
+log = logging.getLogger(__name__)
 
 
 class ExportableFCOS(nn.Module):

@@ -26,7 +26,7 @@ class Predictor:
     Args:
         model: the network (prepare it with :func:`optimize_for_inference` for speed).
         postprocessor: decoding, NMS and rescaling settings.
-        precision: a Lightning precision or ``auto`` (:func:`~fcos_lightning.precision.resolve_precision`).
+        precision: a Lightning precision or ``auto`` (:func:`~fcos_lightning.runtime.precision.resolve_precision`).
         compile: wrap the network in ``torch.compile`` (the first calls compile; slower on the CPU measured, README).
     """
 

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from fcos_lightning.lightning import module as lit_module
+from fcos_lightning.lightning import module as lightning_module
 from fcos_lightning.lightning.module import FCOSLitModule
 from fcos_lightning.lightning.syncbn import apply_sync_batchnorm, should_sync_batchnorm
 from fcos_lightning.modeling.backbones import FrozenBatchNorm2d, TimmBackbone
@@ -101,7 +101,7 @@ def test_lightning_module_converts_in_setup_when_told_to(monkeypatch, caplog):
     assert "plain BatchNorm" in caplog.text and "a single process" in caplog.text
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
 
-    monkeypatch.setattr(lit_module, "should_sync_batchnorm", lambda trainer: (True, "DDP on CUDA (faked)"))
+    monkeypatch.setattr(lightning_module, "should_sync_batchnorm", lambda trainer: (True, "DDP on CUDA (faked)"))
     module.setup("validate")
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())  # only for training
     with caplog.at_level(logging.INFO, logger="fcos_lightning.lightning.syncbn"):
