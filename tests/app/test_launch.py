@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from fcos_lightning.app.launch import check_world_size, relaunches_script
+from fcos_lightning.app.launch import check_world_size, relaunches_script, run_multirun_job_in_subprocess
 from fcos_lightning.app.train import world_size
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -47,3 +47,21 @@ def test_only_script_relaunching_ddp_needs_a_process_per_multirun_job():
     assert relaunches_script(trainer(devices=2, strategy="ddp"))
     assert not relaunches_script(trainer(devices=2, strategy="ddp_spawn"))
     assert not relaunches_script(trainer(devices=1))
+
+
+def test_a_job_process_returns_its_ap_to_the_parent(tmp_path):
+    """What run_multirun_job_in_subprocess gets back is what the job's train() handed over, and the pipe's
+    number is gone from the job's environment before it can start DDP ranks."""
+    job = tmp_path / "job.py"
+    job.write_text(
+        "import os\n"
+        "from fcos_lightning.app.launch import RESULT_FD, result_channel, send_result\n"
+        "channel = result_channel()\n"
+        "assert RESULT_FD not in os.environ\n"
+        "send_result(channel, 41.5)\n"
+    )
+    assert run_multirun_job_in_subprocess(str(job), ["model=demo"], str(tmp_path)) == 41.5
+    silent = tmp_path / "silent.py"
+    silent.write_text("pass\n")
+    with pytest.raises(RuntimeError, match="finished without returning its val/AP"):
+        run_multirun_job_in_subprocess(str(silent), [], str(tmp_path))
