@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: venv demo test lint bench clean validate-data
+.PHONY: venv demo test lint bench clean validate-data gpu-check
 
 venv: $(STAMP)
 
@@ -31,5 +31,12 @@ lint: venv
 bench: venv
 	$(PY) -m benchmarks.speed $(BENCH_ARGS)
 
+# The GPU check: tests marked gpu, demo on CUDA + evaluate, DDP, benchmark; summary.json in $(GPU_CHECK_DIR).
+# On a GPU machine without a registry: make gpu-check PY=python3 (no venv); GPU_CHECK_ARGS="--device cpu" is the
+# smoke run on a CPU.
+GPU_CHECK_DIR ?= gpu_check
+gpu-check: $(if $(filter .venv/bin/python,$(PY)),venv)
+	GPU_CHECK_DIR=$(GPU_CHECK_DIR) $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
 clean:
-	rm -rf .venv outputs multirun .pytest_cache .ruff_cache
+	rm -rf .venv outputs multirun .pytest_cache .ruff_cache gpu_check

@@ -182,6 +182,11 @@ MODELS = {
 }
 
 
+def scaled(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """``size`` times ``scale`` (the smoke run's small images), at least 64 pixels a side."""
+    return (max(64, round(size[0] * scale)), max(64, round(size[1] * scale))) if scale != 1 else size
+
+
 def images(n: int, size: tuple[int, int], seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=g) for _ in range(n)]
@@ -214,6 +219,21 @@ def network_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def print_profile(what: str, fn: Callable[[], object], device: torch.device, rows: int = 15) -> None:
+    """The operators ``fn`` spends its time in (one call after the warm-up), device time first on a GPU, and
+    host against device time in total: a host-bound call spends more time launching than computing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile: {what}")
+    print(events.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
 def bench_conv_peak(device: torch.device, warmup: int, repeats: int) -> list[dict]:
     """The machine's best throughput on the head's dominant layer (3x3 conv, 256 channels, at P3 of an
     800x1333 image, channels-last), in our precision (weights stored in it, as ours runs) and in fp32: the
@@ -241,11 +261,14 @@ def bench_inference(
     warmup: int,
     repeats: int,
     variants: bool,
-    compiled: bool,
+    compiled: str | None,
     device: torch.device,
     peak: float | None,
+    scale: float = 1.0,
+    profile: bool = False,
 ) -> list[dict]:
     make_pair, size = MODELS[name]
+    size = scaled(size, scale)
     tv, model, postprocessor = make_pair(train=False)
     tv.eval().to(device)
     precision = resolve_precision("auto", accelerator(device))
@@ -268,8 +291,12 @@ def bench_inference(
             fns["ours fp32"] = functools.partial(fp32, imgs)
         if compiled and batch == 1:
             net = optimize_for_inference(copy.deepcopy(baseline), precision=precision)
-            fns["ours torch.compile"] = functools.partial(Predictor(net, postprocessor, compile=True), imgs)
+            fns[f"ours torch.compile {compiled}"] = functools.partial(
+                Predictor(net, postprocessor, compile=compiled), imgs
+            )
         t = interleaved(fns, warmup, repeats, device)
+        if profile:
+            print_profile(f"ours, inference {name} batch {batch}", fns["ours"], device)
         label = f"inference {name} batch {batch}"
         absolute = ABSOLUTE_TARGETS.get(("inference", name.split()[0], batch)) if device.type == "cuda" else None
         rows.append(row(label, "images/s", batch / t["ours"]["median_s"], batch / t["torchvision"]["median_s"],
@@ -288,9 +315,10 @@ def bench_inference(
 
 
 def bench_training(
-    name: str, warmup: int, repeats: int, variants: bool, device: torch.device, batch: int = 2
+    name: str, warmup: int, repeats: int, variants: bool, device: torch.device, batch: int = 2, scale: float = 1.0
 ) -> list[dict]:
     make_pair, size = MODELS[name]
+    size = scaled(size, scale)
     tv, model, _ = make_pair(train=True)
     tv.to(device)
     model.to(device)
@@ -577,10 +605,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short smoke run: 1 repeat, batch 1, fewer sections")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5, quick 1)")
     parser.add_argument("--sections", nargs="*", default=["inference", "training", "assign", "data", "eval"])
-    parser.add_argument("--compile", action="store_true", help="add a torch.compile variant (compiles for minutes)")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        help="add a torch.compile variant at batch 1, optionally its mode (reduce-overhead: CUDA graphs); compiles "
+        "for minutes",
+    )
+    parser.add_argument("--profile", action="store_true", help="print where ours spends each inference call")
     parser.add_argument("--output", default="bench_results/speed.json")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (assignment, data and eval stay on CPU)")
     parser.add_argument("--train-batch", type=int, default=2, help="images per training step (default 2)")
+    parser.add_argument("--models", nargs="*", default=None, help="model rows to run (name prefixes; default all)")
+    parser.add_argument("--image-scale", type=float, default=1.0, help="scale the image sizes (smoke runs)")
     args = parser.parse_args()
     device = torch.device(args.device)
     repeats = args.repeats or (1 if args.quick else 5)
@@ -590,17 +628,21 @@ def main() -> None:
     print(f"{'':<52} {'unit':>8} {'ours':>10} {'torchvis.':>10} {'ratio':>8}")
     rows: list[dict] = []
     sections = set(args.sections)
-    models = list(MODELS) if not args.quick else ["DLA34-RT 512x683"]
+    selected = [m for m in MODELS if not args.models or any(m.startswith(p) for p in args.models)]
+    models = selected if not args.quick else [m for m in selected if m.startswith("DLA34")]
     peak = None
     if "inference" in sections:
         rows += bench_conv_peak(device, warmup, max(repeats, 10))
         peak = rows[-1]["ours"]
-        for name in MODELS:
+        for name in selected:
             batches = [1] if args.quick else [1, 8]
-            rows += bench_inference(name, batches, warmup, repeats, not args.quick, args.compile, device, peak)
+            rows += bench_inference(
+                name, batches, warmup, repeats, not args.quick, args.compile, device, peak, args.image_scale,
+                args.profile,
+            )  # fmt: skip
     if "training" in sections:
         for name in models:
-            rows += bench_training(name, warmup, repeats, not args.quick, device, args.train_batch)
+            rows += bench_training(name, warmup, repeats, not args.quick, device, args.train_batch, args.image_scale)
     if "assign" in sections:
         rows += bench_assignment(max(repeats, 3))
     if "data" in sections:

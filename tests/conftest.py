@@ -84,6 +84,16 @@ def compose_config(config_name: str, overrides: list[str], output_dir: str | os.
     return cfg
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: without it they are skipped (``make gpu-check`` runs them on a GPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (make gpu-check runs these on a GPU)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def compose_cfg() -> Callable:
     """:func:`compose_config`: ``compose_cfg(config_name, overrides, output_dir)``."""

@@ -27,8 +27,8 @@ def reduce_mean(value: Tensor) -> Tensor:
 
 def centerness_targets(reg_targets: Tensor) -> Tensor:
     """``sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))`` for ``[P, 4]`` positive ltrb targets."""
-    lr = reg_targets[:, [0, 2]]
-    tb = reg_targets[:, [1, 3]]
+    lr = reg_targets[:, 0::2]  # slices, not index lists: a list index is copied to the GPU at every call
+    tb = reg_targets[:, 1::2]
     ratio = (lr.amin(dim=1) / lr.amax(dim=1)) * (tb.amin(dim=1) / tb.amax(dim=1))
     return torch.sqrt(ratio)
 
@@ -91,7 +91,12 @@ class FCOSLoss:
             sigmoid_focal_loss(cls_logits, one_hot, self.focal_alpha, self.focal_gamma, reduction="sum") / num_pos
         )
 
-        pos_reg, pos_targets, pos_ctr = box_reg[pos], reg_targets[pos], centerness[pos]
+        # The positives are selected once, by index: their count decides the shapes, so this is the loss's one
+        # host synchronization (boolean indexing would add one per tensor, and one per gradient in backward).
+        idx = pos.flatten().nonzero().squeeze(1)
+        pos_reg = box_reg.flatten(0, 1).index_select(0, idx)
+        pos_targets = reg_targets.flatten(0, 1).index_select(0, idx)
+        pos_ctr = centerness.flatten().index_select(0, idx)
         ctr_targets = centerness_targets(pos_targets)
         ctr_norm = reduce_mean(ctr_targets.sum()).clamp(min=1e-6)
         # With no positives these sums are over empty tensors: 0, and still connected to the graph, so every

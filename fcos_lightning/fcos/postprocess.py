@@ -73,9 +73,7 @@ class FCOSPostProcessor:
         ``image_sizes`` ``[B, 2]`` (h, w) of the network input before padding; ``orig_sizes`` ``[B, 2]``
         of the original images (boxes are rescaled to them; defaults to ``image_sizes``)."""
         batch = cls_logits[0].shape[0]
-        device = cls_logits[0].device
-        all_boxes, all_scores, all_labels, all_images = [], [], [], []
-        image_index = torch.arange(batch, device=device)
+        level_boxes, level_scores, level_labels = [], [], []
         for logits, reg, ctr, pts, stride in zip(cls_logits, box_reg, centerness, points, strides, strict=True):
             num_classes = logits.shape[1]
             cls_prob = flatten_level(logits.float()).sigmoid()  # [B, HW, C]
@@ -86,39 +84,34 @@ class FCOSPostProcessor:
             ranked = torch.where(keep, score, -1.0).flatten(1)  # [B, HW*C]
             k = min(self.pre_nms_topk, ranked.shape[1])
             top_scores, top_idx = ranked.topk(k, dim=1)  # [B, k]
-            valid = top_scores >= 0
             point_idx, labels = top_idx // num_classes, top_idx % num_classes
             p = pts[point_idx]  # [B, k, 2]
             d = ltrb.gather(1, point_idx[..., None].expand(-1, -1, 4))  # [B, k, 4]
-            boxes = torch.cat((p - d[..., :2], p + d[..., 2:]), dim=-1)
-            all_boxes.append(boxes[valid])
-            all_scores.append(top_scores[valid].sqrt())
-            all_labels.append(labels[valid])
-            all_images.append(image_index[:, None].expand_as(valid)[valid])
+            level_boxes.append(torch.cat((p - d[..., :2], p + d[..., 2:]), dim=-1))
+            level_scores.append(top_scores)
+            level_labels.append(labels)
 
-        boxes, scores = torch.cat(all_boxes), torch.cat(all_scores)
-        labels, images = torch.cat(all_labels), torch.cat(all_images)
+        # All levels' candidates [B, K] first, then one selection: every boolean selection waits for the GPU.
+        scores = torch.cat(level_scores, dim=1)
+        image, cand = (scores >= 0).nonzero(as_tuple=True)  # image-major, levels in order within an image
+        boxes = torch.cat(level_boxes, dim=1)[image, cand]
+        labels = torch.cat(level_labels, dim=1)[image, cand]
+        scores, images = scores[image, cand].sqrt(), image
         if self.clip_before_nms:
             boxes = clip_to_sizes(boxes, image_sizes[images])
         # One NMS call for the batch: each (image, class) pair is its own group.
         keep = batched_nms(boxes, scores, images * num_classes + labels, self.nms_thresh)
-        keep = keep[per_image_rank(images[keep], batch) < self.max_detections]
         boxes, scores, labels, images = boxes[keep], scores[keep], labels[keep], images[keep]
-
+        wanted = per_image_rank(images, batch) < self.max_detections
         if orig_sizes is not None:
             scale = (orig_sizes.float() / image_sizes.float())[images]  # (h, w) ratios
-            boxes = boxes * scale[:, [1, 0, 1, 0]]
-            boxes = clip_to_sizes(boxes, orig_sizes[images])
-            nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            boxes, scores, labels, images = (
-                boxes[nonempty],
-                scores[nonempty],
-                labels[nonempty],
-                images[nonempty],
-            )
+            boxes = clip_to_sizes(boxes * scale[:, [1, 0, 1, 0]], orig_sizes[images])
+            wanted &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # empty after clipping
+        kept = wanted.nonzero().squeeze(1)  # the best max_detections per image, in NMS (score) order
+        boxes, scores, labels, images = boxes[kept], scores[kept], labels[kept], images[kept]
 
         order = torch.argsort(images, stable=True)  # NMS order (score-descending) within each image
-        counts = torch.bincount(images, minlength=batch).tolist()
+        counts = images.new_zeros(batch).scatter_add_(0, images, torch.ones_like(images)).tolist()
         return [
             {"boxes": b, "scores": s, "labels": lab}
             for b, s, lab in zip(
@@ -136,9 +129,8 @@ def per_image_rank(images: Tensor, batch: int) -> Tensor:
         return images
     order = torch.argsort(images, stable=True)
     sorted_images = images[order]
-    starts = torch.cumsum(torch.bincount(sorted_images, minlength=batch), 0) - torch.bincount(
-        sorted_images, minlength=batch
-    )
+    counts = images.new_zeros(batch).scatter_add_(0, images, torch.ones_like(images))  # bincount, no host sync
+    starts = torch.cumsum(counts, 0) - counts
     ranks = torch.empty_like(images)
     ranks[order] = torch.arange(images.numel(), device=images.device) - starts[sorted_images]
     return ranks

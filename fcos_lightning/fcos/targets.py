@@ -109,14 +109,14 @@ class TargetAssigner:
         if len(points) != len(self.strides):
             raise ValueError(f"got {len(points)} point levels for {len(self.strides)} strides")
         flat = torch.cat(list(points), dim=0)
-        counts = [p.shape[0] for p in points]
         device = flat.device
-        strides = torch.tensor(self.strides, dtype=torch.float32, device=device).repeat_interleave(
-            torch.tensor(counts, device=device)
-        )
-        ranges = torch.tensor(self.ranges, dtype=torch.float32, device=device).repeat_interleave(
-            torch.tensor(counts, device=device), dim=0
-        )
+
+        # Filled on the device, level by level: a host list copied to a GPU would synchronize every step.
+        def fill(values: Sequence[float]) -> Tensor:  # one value per level -> one per point
+            return torch.cat([torch.full((p.shape[0],), float(v), device=device) for p, v in zip(points, values)])
+
+        strides = fill(self.strides)
+        ranges = torch.stack((fill([lo for lo, _ in self.ranges]), fill([hi for _, hi in self.ranges])), dim=1)
         return flat, strides, ranges
 
     @torch.no_grad()

@@ -27,7 +27,8 @@ class Predictor:
         model: the network (prepare it with :func:`optimize_for_inference` for speed).
         postprocessor: decoding, NMS and rescaling settings.
         precision: a Lightning precision or ``auto`` (:func:`~fcos_lightning.runtime.precision.resolve_precision`).
-        compile: wrap the network in ``torch.compile`` (the first calls compile; slower on the CPU measured, README).
+        compile: wrap the network in ``torch.compile`` (the first calls compile; slower on the CPU measured, README);
+            a string picks its ``mode`` (``reduce-overhead``: CUDA graphs, one launch per network call on a GPU).
     """
 
     def __init__(
@@ -35,7 +36,7 @@ class Predictor:
         model: FCOS,
         postprocessor: FCOSPostProcessor | None = None,
         precision: str = "auto",
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         self.model = model.eval()
         self.decoder = FCOSDecoder.for_model(model, postprocessor)
@@ -49,7 +50,8 @@ class Predictor:
                 f"the model's convolution weights are {sorted(map(str, stray))} but precision {self.precision!r} "
                 "computes in another dtype; pass the same precision to optimize_for_inference(precision=...)"
             )
-        self.network = torch.compile(model, dynamic=False) if compile else model
+        mode = compile if isinstance(compile, str) else None
+        self.network = torch.compile(model, dynamic=False, mode=mode) if compile else model
 
     def pad(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Zero-pad ``[3, H, W]`` uint8 images into one batch on the model's device (:func:`pad_images`)."""
