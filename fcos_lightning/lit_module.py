@@ -21,7 +21,7 @@ from fcos_lightning.checkpointing import write_json_atomic
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.distributed import apply_sync_batchnorm, should_sync_batchnorm
 from fcos_lightning.evaluation import METRIC_NAMES, evaluate_coco, gather_detections, to_coco_results
-from fcos_lightning.fcos.loss import FCOSLoss
+from fcos_lightning.fcos.loss import BoxQuality, FCOSLoss
 from fcos_lightning.fcos.points import make_points
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor, flatten_level
 from fcos_lightning.fcos.targets import TargetAssigner
@@ -58,6 +58,7 @@ class FCOSLitModule(pl.LightningModule):
             ``evaluate.py`` and ``predict.py`` rebuild the model from the checkpoint alone.
         num_vis_images: validation images drawn to TensorBoard at each round.
         output_dir: where ``metrics.json`` of the last validation is written (None: not written).
+        box_quality: what the quality output learns (:class:`FCOSLoss`): ``ctrness`` or ``iou``.
         on_nonfinite_loss: ``stop`` raises on a NaN/Inf training loss naming the batch's image ids and the
             loss terms; ``skip`` logs that and skips the step (:mod:`fcos_lightning.nonfinite`).
     """
@@ -83,6 +84,7 @@ class FCOSLitModule(pl.LightningModule):
         num_vis_images: int = 4,
         output_dir: str | None = None,
         on_nonfinite_loss: OnNonFiniteLoss = "stop",
+        box_quality: BoxQuality = "ctrness",
     ) -> None:
         super().__init__()
         if on_nonfinite_loss not in ON_NONFINITE_LOSS:
@@ -96,7 +98,7 @@ class FCOSLitModule(pl.LightningModule):
                 f"the model has {model.num_classes} classes but the category map has {self.category_map.num_classes}"
             )
         self.assigner = TargetAssigner(model.strides, model.sizes_of_interest, center_sampling_radius)
-        self.loss_fn = FCOSLoss(model.num_classes, box_loss_type, focal_alpha, focal_gamma)
+        self.loss_fn = FCOSLoss(model.num_classes, box_loss_type, focal_alpha, focal_gamma, box_quality)
         self.postprocessor = postprocessor or FCOSPostProcessor()
         self.lr, self.momentum = lr, momentum
         self.weight_decay, self.weight_decay_norm = weight_decay, weight_decay_norm
