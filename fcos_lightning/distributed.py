@@ -1,9 +1,10 @@
 """Multi-process training helpers: SyncBN conversion and Hydra multirun jobs that need their own DDP launch.
 
-SyncBN: the head (``norm: SyncBN``) and the FCOS_RT backbones (``norm: syncbn``) are built with plain
-``BatchNorm2d``. Only under DDP on CUDA with more than one process are exactly those layers turned into
-``SyncBatchNorm``: FrozenBN stays frozen, GroupNorm is untouched and a head declared ``BN`` keeps per-process
-statistics. Lightning's ``Trainer(sync_batchnorm=True)`` would instead convert every BN of the model.
+SyncBN: the head (``norm: SyncBN``), the FPN (``fpn_norm: SyncBN``) and the backbones declared
+``norm: syncbn`` are built with plain ``BatchNorm2d``. Only under DDP on CUDA with more than one process are
+exactly those layers turned into ``SyncBatchNorm``: FrozenBN stays frozen, GroupNorm is untouched and a head
+declared ``BN`` keeps per-process statistics. Lightning's ``Trainer(sync_batchnorm=True)`` would instead
+convert every BN of the model.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ def should_sync_batchnorm(trainer: pl.Trainer) -> tuple[bool, str]:
 
 
 def sync_batchnorm_targets(model: nn.Module) -> dict[str, nn.Module]:
-    """The parts of an FCOS network whose BatchNorm is declared synchronized: the head if its norm is
-    ``SyncBN``, the backbone if its norm is ``syncbn``."""
+    """The parts of an FCOS network whose BatchNorm is declared synchronized: the head or the FPN if its norm
+    is ``SyncBN``, the backbone if its norm is ``syncbn``."""
     targets = {}
     if getattr(getattr(model, "backbone", None), "norm", None) == "syncbn":
         targets["backbone"] = model.backbone
+    if getattr(getattr(model, "fpn", None), "norm", None) == "SyncBN":
+        targets["fpn"] = model.fpn
     if getattr(getattr(model, "head", None), "norm", None) == "SyncBN":
         targets["head"] = model.head
     return targets
