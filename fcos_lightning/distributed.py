@@ -19,6 +19,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
+from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
+from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -49,12 +51,16 @@ def sync_batchnorm_targets(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def convert_batchnorm_to_sync(module: nn.Module) -> int:
-    """Replace every ``BatchNorm2d`` below ``module`` by ``SyncBatchNorm`` sharing its parameters and buffers;
-    returns how many. FrozenBN and GN are not BatchNorm2d and stay as they are."""
+    """Replace every ``BatchNorm2d`` below ``module`` by ``SyncBatchNorm`` (timm's ``BatchNormAct2d`` by timm's
+    ``SyncBatchNormAct``, keeping its activation) sharing its parameters and buffers; returns how many. FrozenBN
+    and GN are not BatchNorm2d and stay as they are."""
     count = 0
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
             module.add_module(name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+            count += 1
+        elif type(child) is BatchNormAct2d:
+            module.add_module(name, timm_convert_sync_batchnorm(child))
             count += 1
         elif isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
             raise TypeError(f"cannot convert {type(child).__name__} ({name}) to SyncBatchNorm")

@@ -4,11 +4,24 @@
 backbones do on top of a classification trunk: FrozenBN, ``FREEZE_AT``, the MSRA stride placement
 (``STRIDE_IN_1X1``) and DCNv2 stages. Channels and strides come from timm's ``feature_info``.
 
-Supported and tested: ``resnet50``, ``resnet101``, ``resnext101_32x8d``, ``resnext101_64x4d`` (use
-``out_indices=(2, 3, 4)`` = res3, res4, res5: strides 8/16/32) and ``dla34`` (timm's feature index ``i`` is
-DLA's ``level{i}``; use ``out_indices=(3, 4, 5)`` = level3..level5: strides 8/16/32, channels 128/256/512).
-timm's ``dla34`` omits the ``project`` layers of ``level3``/``level4`` that ucbdrive's/AdelaiDet's DLA builds
-but never uses (41,728 parameters); the function computed is the same.
+Supported and tested: ``resnet18``, ``resnet50``, ``resnet101``, ``resnext101_32x8d``, ``resnext101_64x4d``
+(use ``out_indices=(2, 3, 4)`` = res3, res4, res5: strides 8/16/32), ``dla34`` (timm's feature index ``i`` is
+DLA's ``level{i}``; use ``out_indices=(3, 4, 5)`` = level3..level5: strides 8/16/32, channels 128/256/512) and
+the eSE-VoVNets ``ese_vovnet39b``/``57b``/``99b`` (``out_indices=(2, 3, 4)`` = stage3..stage5: strides 8/16/32,
+channels 512/768/1024).
+
+Where timm's trunks differ from AdelaiDet's:
+
+- timm's ``dla34`` omits the ``project`` layers of ``level3``/``level4`` that ucbdrive's/AdelaiDet's DLA builds
+  but never uses (41,728 parameters); the function computed is the same.
+- timm's eSE-VoVNet puts the eSE attention (a 1x1 conv with bias and a hard sigmoid gate) only on the last
+  OSA block of each stage; AdelaiDet's (and vovnet-detectron2's) VoVNet builds one in every OSA block. With
+  ``ese_every_block=True`` the missing ones are added, which makes the network AdelaiDet's: same layers, same
+  function, same parameter count (V-39: 2 more eSE, 1,640,192 parameters; V-57: 5 more, 3,870,976; V-99:
+  12 more, 7,349,248). Everything else matches: stem of three 3x3 convs (64, 64, 128; strides 2, 1, 2), OSA
+  blocks of five 3x3 convs concatenated with the block input then a 1x1 conv, identity shortcuts on every
+  block but a stage's first, 3x3/2 ceil-mode max pooling before stages 3-5, the same hard sigmoid
+  (``relu6(x + 3) / 6``) on a global average pool.
 """
 
 from __future__ import annotations
@@ -20,7 +33,10 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import EffectiveSEModule
+from timm.layers.norm_act import BatchNormAct2d
 from timm.models.resnet import Bottleneck
+from timm.models.vovnet import OsaBlock
 from torch import Tensor, nn
 from torchvision import ops
 
@@ -45,9 +61,29 @@ class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
         return torch.addcmul(bias.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
 
 
+class FrozenBatchNormAct2d(FrozenBatchNorm2d):
+    """:class:`FrozenBatchNorm2d` followed by the activation (and drop) of a timm ``BatchNormAct2d`` it replaces;
+    same state-dict entries as the FrozenBN alone."""
+
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, act: nn.Module | None = None, drop: nn.Module | None = None
+    ):
+        super().__init__(num_features, eps=eps)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
 def frozen_batch_norm(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
-    """A ``FrozenBatchNorm2d`` carrying ``bn``'s affine terms and running statistics."""
-    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps).to(bn.running_mean.device)
+    """A ``FrozenBatchNorm2d`` carrying ``bn``'s affine terms and running statistics (with its activation for a
+    timm ``BatchNormAct2d``)."""
+    if isinstance(bn, BatchNormAct2d):
+        frozen: FrozenBatchNorm2d = FrozenBatchNormAct2d(bn.num_features, bn.eps, bn.act, bn.drop)
+    else:
+        frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+    frozen = frozen.to(bn.running_mean.device)
     if bn.affine:
         frozen.weight.copy_(bn.weight.detach())
         frozen.bias.copy_(bn.bias.detach())
@@ -62,8 +98,10 @@ def convert_frozen_batch_norm(module: nn.Module) -> nn.Module:
     Returns the converted module (a new object only when ``module`` itself is a BN layer).
     """
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if type(module) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
-            raise TypeError(f"cannot freeze {type(module).__name__}: only plain BatchNorm2d/SyncBatchNorm")
+        if type(module) not in (nn.BatchNorm2d, nn.SyncBatchNorm, BatchNormAct2d):
+            raise TypeError(
+                f"cannot freeze {type(module).__name__}: only plain BatchNorm2d/SyncBatchNorm or timm's BatchNormAct2d"
+            )
         if module.running_mean is None:
             raise ValueError("cannot freeze a BatchNorm without running statistics")
         return frozen_batch_norm(module)
@@ -113,12 +151,16 @@ class TimmBackbone(nn.Module):
             Layers of frozen stages are FrozenBN whatever ``norm`` says.
         freeze_at: detectron2 ``FREEZE_AT``: 0 or -1 nothing frozen, 1 the stem, k the stem and the first k-1
             stages. ResNets: stem = ``conv1``/``bn1``, stages = ``layer1..layer4`` (res2..res5). DLA: stem =
-            ``base_layer``, stages = ``level0, level1, ..., level5``. Frozen = no grad + FrozenBN.
+            ``base_layer``, stages = ``level0, level1, ..., level5``. VoVNet: stem = its three convs, stages =
+            stage2..stage5. Frozen = no grad + FrozenBN.
         stride_in_1x1: MSRA/caffe2 ResNets (detectron2 ``STRIDE_IN_1X1``): the stride 2 of the first block of
             res3..res5 sits on the 1x1 ``conv1`` instead of the 3x3 ``conv2`` (timm/torchvision placement).
         dcn_stages: detectron2 stage numbers (2..5 = res2..res5) whose every block's 3x3 ``conv2`` becomes a
             :class:`ModulatedDeformConv2d` (AdelaiDet ``DEFORM_ON_PER_STAGE``, ``DEFORM_MODULATED``).
         dcn_deformable_groups: ``DEFORM_NUM_GROUPS``.
+        ese_every_block: eSE-VoVNets only: add the eSE attention timm leaves out of every OSA block but a
+            stage's last, as AdelaiDet's VoVNet has it (see the module docstring). timm's ImageNet weights have
+            no such layers: with ``pretrained``/``weights`` they start from timm's random initialization.
         model_kwargs: extra ``timm.create_model`` arguments, e.g. ``{"channels": [16, 32, 64, 128]}`` for a
             narrow ResNet (the CPU demo and tests).
     """
@@ -135,6 +177,7 @@ class TimmBackbone(nn.Module):
         dcn_stages: Sequence[int] = (),
         dcn_deformable_groups: int = 1,
         model_kwargs: Mapping[str, Any] | None = None,
+        ese_every_block: bool = False,
     ) -> None:
         super().__init__()
         if norm not in NORMS:
@@ -157,6 +200,15 @@ class TimmBackbone(nn.Module):
         for stage in dcn_stages:
             for block in self._resnet_stage(stage, "dcn_stages"):
                 block.conv2 = ModulatedDeformConv2d.from_conv(block.conv2, deformable_groups=dcn_deformable_groups)
+        if ese_every_block:
+            added = self._add_ese_to_every_block()
+            if added and (pretrained or weights is not None):
+                log.warning(
+                    "%s: %d eSE layers added to match AdelaiDet's VoVNet are not in the loaded ImageNet weights and "
+                    "start from random initialization (model.backbone.ese_every_block=false keeps timm's layers)",
+                    name,
+                    added,
+                )
 
         units = self._freeze_units()
         if not -1 <= freeze_at <= len(units):
@@ -187,6 +239,23 @@ class TimmBackbone(nn.Module):
             raise ValueError(f"{what}: res{stage} is not built for these out_indices")
         return layer
 
+    def _add_ese_to_every_block(self) -> int:
+        """Give every OSA block without attention an eSE module (initialized as timm initializes its convs);
+        returns how many were added."""
+        blocks = [m for m in self.body.modules() if isinstance(m, OsaBlock)]
+        if not blocks:
+            raise ValueError(f"ese_every_block needs an eSE-VoVNet (OSA blocks), not {self.name}")
+        added = 0
+        for block in blocks:
+            if block.attn is None:
+                channels = block.conv_concat.conv.out_channels
+                block.attn = EffectiveSEModule(channels).to(block.conv_concat.conv.weight.device)
+                nn.init.kaiming_normal_(block.attn.fc.weight, mode="fan_out", nonlinearity="relu")
+                added += 1
+            elif not isinstance(block.attn, EffectiveSEModule):
+                raise ValueError(f"ese_every_block: {self.name} has {type(block.attn).__name__} attention, not eSE")
+        return added
+
     def _first_blocks(self) -> list[Bottleneck]:
         """Block 0 of the built stages among res3..res5, where a ResNet downsamples with a stride-2 conv2."""
         if not self._is_resnet():
@@ -203,6 +272,9 @@ class TimmBackbone(nn.Module):
             stem, stages = ["conv1", "bn1"], ["layer1", "layer2", "layer3", "layer4"]
         elif hasattr(self.body, "base_layer"):
             stem, stages = ["base_layer"], [f"level{i}" for i in range(6)]
+        elif hasattr(self.body, "stem_0"):  # VoVNet, flattened by features_only: stem_0..2, stages_0..3
+            stem = [n for n in ("stem_0", "stem_1", "stem_2") if hasattr(self.body, n)]
+            stages = [f"stages_{i}" for i in range(4)]
         else:
             return []
         return [stem] + [[n] for n in stages if hasattr(self.body, n)]
@@ -216,4 +288,11 @@ class TimmBackbone(nn.Module):
         return list(self.body(x))
 
 
-__all__ = ["FrozenBatchNorm2d", "TimmBackbone", "convert_frozen_batch_norm", "frozen_batch_norm", "load_trunk_weights"]
+__all__ = [
+    "FrozenBatchNorm2d",
+    "FrozenBatchNormAct2d",
+    "TimmBackbone",
+    "convert_frozen_batch_norm",
+    "frozen_batch_norm",
+    "load_trunk_weights",
+]

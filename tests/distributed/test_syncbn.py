@@ -8,10 +8,12 @@ from functools import partial
 import pytest
 import pytorch_lightning as pl
 import torch
+from timm.layers import SyncBatchNormAct
+from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
 from fcos_lightning import lit_module
-from fcos_lightning.distributed import apply_sync_batchnorm, should_sync_batchnorm
+from fcos_lightning.distributed import apply_sync_batchnorm, convert_batchnorm_to_sync, should_sync_batchnorm
 from fcos_lightning.lit_module import FCOSLitModule
 from fcos_lightning.modeling.backbones import FrozenBatchNorm2d, TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
@@ -125,3 +127,15 @@ def test_lightning_module_converts_in_setup_when_told_to(monkeypatch, caplog):
     assert any(isinstance(m, nn.SyncBatchNorm) for m in module.model.head.modules())
     assert any(isinstance(m, nn.SyncBatchNorm) for m in module.model.backbone.modules())
     assert "converted to SyncBatchNorm (DDP on CUDA (faked))" in caplog.text
+
+
+def test_timm_norm_act_layers_convert_keeping_their_activation():
+    """VoVNet's BN layers are timm ``BatchNormAct2d`` (BN + ReLU in one module): declared SyncBN they become timm's
+    ``SyncBatchNormAct``, with the same parameters and the ReLU still applied."""
+    backbone = TimmBackbone("ese_vovnet39b", out_indices=(2, 3, 4), norm="syncbn", freeze_at=0)
+    layer = backbone.body.stem_0.bn
+    weight = layer.weight
+    assert convert_batchnorm_to_sync(backbone) > 0
+    synced = backbone.body.stem_0.bn
+    assert type(synced) is SyncBatchNormAct and synced.weight is weight and isinstance(synced.act, nn.ReLU)
+    assert not any(type(m) is BatchNormAct2d for m in backbone.modules())

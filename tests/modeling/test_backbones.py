@@ -8,9 +8,15 @@ import logging
 import pytest
 import timm
 import torch
+from timm.layers import EffectiveSEModule
 from torch import nn
 
-from fcos_lightning.modeling.backbones import FrozenBatchNorm2d, TimmBackbone, convert_frozen_batch_norm
+from fcos_lightning.modeling.backbones import (
+    FrozenBatchNorm2d,
+    FrozenBatchNormAct2d,
+    TimmBackbone,
+    convert_frozen_batch_norm,
+)
 from fcos_lightning.modeling.dcn import ModulatedDeformConv2d
 
 RESNET_C3_C5 = [512, 1024, 2048]
@@ -145,6 +151,67 @@ def test_parameter_count_matches_detectron2_resnet(name, blocks, groups, width_p
     assert count == bottleneck_resnet_params(blocks, groups, width_per_group)
 
 
+def vovnet_params(blocks: list[int], ese_every_block: bool = True) -> int:
+    """Parameters of AdelaiDet's eSE-VoVNet (vovnet.py: stem 3x3 convs 3->64->64->128; per stage OSA blocks of
+    five bias-free 3x3 convs (128/160/192/224 channels), a bias-free 1x1 conv over their concatenation with the
+    block input to 256/512/768/1024 channels and an eSE 1x1 conv with bias; FrozenBN holds buffers only).
+    ``ese_every_block=False`` counts timm's layout, with eSE on each stage's last block only."""
+    total = conv(3, 3, 64, bias=False) + conv(3, 64, 64, bias=False) + conv(3, 64, 128, bias=False)
+    cin = 128
+    for n, mid, out in zip(blocks, (128, 160, 192, 224), (256, 512, 768, 1024), strict=True):
+        for i in range(n):
+            block_in = cin if i == 0 else out
+            total += (
+                conv(3, block_in, mid, False) + 4 * conv(3, mid, mid, False) + conv(1, block_in + 5 * mid, out, False)
+            )
+            if ese_every_block or i == n - 1:
+                total += conv(1, out, out)
+        cin = out
+    return total
+
+
+VOVNET = {"out_indices": (2, 3, 4), "norm": "frozen_bn", "freeze_at": 0}
+VOVNET_BLOCKS = {"ese_vovnet39b": [1, 1, 2, 2], "ese_vovnet57b": [1, 1, 4, 3], "ese_vovnet99b": [1, 3, 9, 3]}
+
+
+@pytest.mark.parametrize("name", list(VOVNET_BLOCKS))
+def test_vovnet_parameter_count_matches_adelaidet_with_ese_in_every_block(name):
+    blocks = VOVNET_BLOCKS[name]
+    ours = build(name, ese_every_block=True, **VOVNET)
+    timm_layout = build(name, **VOVNET)
+    print(f"{name}: AdelaiDet layout {n_params(ours):,}, timm layout {n_params(timm_layout):,}")
+    assert n_params(ours) == vovnet_params(blocks)
+    assert n_params(timm_layout) == vovnet_params(blocks, ese_every_block=False)
+    # the eSE convs timm leaves out: one per block but the last of each stage (C x C weights + C biases)
+    missing = sum((n - 1) * conv(1, c, c) for n, c in zip(blocks, (256, 512, 768, 1024), strict=True))
+    assert n_params(ours) - n_params(timm_layout) == missing
+    assert missing == {"ese_vovnet39b": 1_640_192, "ese_vovnet57b": 3_870_976, "ese_vovnet99b": 7_349_248}[name]
+    assert ours.out_channels == [512, 768, 1024] and ours.strides == [8, 16, 32]
+
+
+def basic_resnet_params(blocks: list[int], trainable_bn: bool = True) -> int:
+    """detectron2 BasicBlock ResNet (R-18/34) trunk: 7x7 stem, two bias-free 3x3 convs per block, a 1x1 shortcut
+    where the channels change; BN affine terms count when BN is trainable (full SyncBN)."""
+    bn = 2 if trainable_bn else 0
+    total, cin = conv(7, 3, 64, bias=False) + bn * 64, 64
+    for stage, n in enumerate(blocks):
+        c = 64 * 2**stage
+        for i in range(n):
+            block_in = cin if i == 0 else c
+            total += conv(3, block_in, c, False) + conv(3, c, c, False) + 2 * bn * c
+            if block_in != c:
+                total += conv(1, block_in, c, False) + bn * c
+        cin = c
+    return total
+
+
+def test_resnet18_full_syncbn_parameter_count_matches_detectron2():
+    backbone = build("resnet18", norm="syncbn", freeze_at=0)
+    assert all(p.requires_grad for p in backbone.parameters())
+    assert n_params(backbone) == basic_resnet_params([2, 2, 2, 2]) == 11_176_512
+    assert backbone.out_channels == [128, 256, 512]
+
+
 # --- forward / backward -------------------------------------------------------------------------------------
 
 # The 101-layer models train only res5 here (freeze_at=4): bf16 convolutions fall back to slow kernels on CPUs
@@ -156,6 +223,8 @@ FORWARD_CASES = [
     ({"name": "resnext101_32x8d", "dcn_stages": (4, 5), "freeze_at": 4}, RESNET_C3_C5),
     ({"name": "resnext101_64x4d", "freeze_at": 4}, RESNET_C3_C5),
     (DLA, DLA_LEVEL3_5),
+    ({"name": "ese_vovnet39b", "ese_every_block": True, **VOVNET}, [512, 768, 1024]),
+    ({"name": "resnet18", "norm": "syncbn", "freeze_at": 0}, [128, 256, 512]),
 ]
 
 
@@ -248,6 +317,51 @@ def test_frozen_bn_everywhere_matches_batch_norm_in_eval():
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
+def test_vovnet_frozen_bn_keeps_the_activation_and_matches_bn_in_eval():
+    torch.manual_seed(0)
+    trunk = timm.create_model("ese_vovnet39b", features_only=True, out_indices=(2, 3, 4)).eval()
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.5)  # negative pre-activations: the ReLU after each BN matters
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    frozen = convert_frozen_batch_norm(copy.deepcopy(trunk)).train()
+    norms = [m for m in frozen.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert norms and all(isinstance(m, FrozenBatchNormAct2d) and isinstance(m.act, nn.ReLU) for m in norms)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(trunk(x), frozen(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    relu_free = copy.deepcopy(frozen)
+    for m in relu_free.modules():
+        if isinstance(m, FrozenBatchNormAct2d):
+            m.act = nn.Identity()
+    with torch.no_grad():
+        assert not torch.allclose(relu_free(x)[0], frozen(x)[0], atol=1e-3)
+
+
+def test_freeze_at_vovnet_maps_stem_then_stages():
+    backbone = build("ese_vovnet39b", out_indices=(2, 3, 4), norm="bn", freeze_at=2)
+    body = backbone.body
+    frozen = [body.stem_0, body.stem_1, body.stem_2, body.stages_0]
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for p in body.stages_1.parameters())
+    assert isinstance(body.stages_0.blocks[0].conv_concat.bn, FrozenBatchNormAct2d)
+    assert type(body.stages_1.blocks[0].conv_concat.bn).__name__ == "BatchNormAct2d"
+
+
+def test_ese_every_block_adds_the_missing_attention():
+    backbone = build("ese_vovnet57b", ese_every_block=True, **VOVNET)
+    blocks = [b for stage in (backbone.body.stages_2, backbone.body.stages_3) for b in stage.blocks]
+    assert len(blocks) == 4 + 3 and all(isinstance(b.attn, EffectiveSEModule) for b in blocks)
+    assert [b.attn.fc.in_channels for b in blocks] == [768] * 4 + [1024] * 3
+    plain = build("ese_vovnet57b", **VOVNET)
+    assert [b.attn is None for b in plain.body.stages_2.blocks] == [True, True, True, False]
+
+
 # --- stride_in_1x1, DCN -------------------------------------------------------------------------------------
 
 
@@ -293,6 +407,8 @@ def test_dcn_stages_replace_every_conv2():
         ({"name": "resnet50", "dcn_stages": (6,)}, "dcn_stages"),
         ({"name": "resnet50", "norm": "gn"}, "norm"),
         ({"name": "resnet50", "freeze_at": 6}, "freeze_at"),
+        ({"name": "resnet50", "ese_every_block": True}, "ese_every_block needs an eSE-VoVNet"),
+        ({"name": "eca_vovnet39b", "out_indices": (2, 3, 4), "ese_every_block": True}, "EcaModule attention"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
