@@ -294,21 +294,27 @@ def test_frozen_stages_stay_frozen_in_train_mode():
         torch.testing.assert_close(stem.train()(x), stem.eval()(x))
 
 
+def trunk_with_random_bn(name: str, bias_std: float) -> nn.Module:
+    """A timm features_only trunk (res3-res5 / stage3-stage5) in eval mode with non-trivial BN terms."""
+    torch.manual_seed(0)
+    trunk = timm.create_model(name, features_only=True, out_indices=(2, 3, 4)).eval()
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, bias_std)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    return trunk
+
+
 def test_frozen_bn_everywhere_matches_batch_norm_in_eval():
     backbone = build("resnet50", norm="frozen_bn", freeze_at=0)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
     assert all(p.requires_grad for p in backbone.parameters())
     assert all(p.ndim == 4 for p in backbone.parameters())  # FrozenBN affine terms are buffers
 
-    torch.manual_seed(0)
-    trunk = timm.create_model("resnet50", features_only=True, out_indices=(2, 3, 4)).eval()
-    with torch.no_grad():
-        for m in trunk.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
+    trunk = trunk_with_random_bn("resnet50", bias_std=0.1)
     frozen = convert_frozen_batch_norm(copy.deepcopy(trunk)).train()
     assert all(m.eps == 1e-5 for m in frozen.modules() if isinstance(m, FrozenBatchNorm2d))
     x = torch.randn(1, 3, 64, 64)
@@ -318,15 +324,7 @@ def test_frozen_bn_everywhere_matches_batch_norm_in_eval():
 
 
 def test_vovnet_frozen_bn_keeps_the_activation_and_matches_bn_in_eval():
-    torch.manual_seed(0)
-    trunk = timm.create_model("ese_vovnet39b", features_only=True, out_indices=(2, 3, 4)).eval()
-    with torch.no_grad():
-        for m in trunk.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.5)  # negative pre-activations: the ReLU after each BN matters
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
+    trunk = trunk_with_random_bn("ese_vovnet39b", bias_std=0.5)  # negative pre-activations: the ReLUs matter
     frozen = convert_frozen_batch_norm(copy.deepcopy(trunk)).train()
     norms = [m for m in frozen.modules() if isinstance(m, FrozenBatchNorm2d)]
     assert norms and all(isinstance(m, FrozenBatchNormAct2d) and isinstance(m.act, nn.ReLU) for m in norms)
