@@ -47,9 +47,12 @@ def conv(k: int, cin: int, cout: int, bias: bool = True, groups: int = 1) -> int
     return k * k * cin // groups * cout + (cout if bias else 0)
 
 
-def fpn_params(in_channels: list[int], top_levels: int, ch: int = 256) -> int:
-    """Lateral 1x1 + output 3x3 per input (bias, no norm), plus P6/P7 3x3 stride-2 convs."""
-    return sum(conv(1, c, ch) + conv(3, ch, ch) for c in in_channels) + top_levels * conv(3, ch, ch)
+def fpn_params(in_channels: list[int], top_levels: int, ch: int = 256, norm: bool = False) -> int:
+    """Lateral 1x1 + output 3x3 per input, plus P6/P7 3x3 stride-2 convs; each with a bias, or (``norm``, the
+    full-SyncBN FPN) without bias and with a BN affine pair."""
+    per_conv = 2 * ch if norm else 0
+    layers = sum(conv(1, c, ch, not norm) + conv(3, ch, ch, not norm) + 2 * per_conv for c in in_channels)
+    return layers + top_levels * (conv(3, ch, ch, not norm) + per_conv)
 
 
 def head_params(levels: int, norm: str = "gn", shared: bool = False, dcn: bool = False, classes: int = 80) -> int:
@@ -210,6 +213,62 @@ def test_resnet18_full_syncbn_parameter_count_matches_detectron2():
     assert all(p.requires_grad for p in backbone.parameters())
     assert n_params(backbone) == basic_resnet_params([2, 2, 2, 2]) == 11_176_512
     assert backbone.out_channels == [128, 256, 512]
+
+
+def dcn_offsets(widths_and_blocks: list[tuple[int, int]]) -> int:
+    """Offset convs (3x3, 27 channels, bias) DCNv2 adds to every block of a stage: ``[(width, blocks), ...]``."""
+    return sum(n * conv(3, width, 27) for width, n in widths_and_blocks)
+
+
+# derived totals of the new zoo rows (80 classes), the same numbers tests/app/test_configs.py checks presets against
+DERIVED_TOTALS = {
+    "vovnet/MS_V_39_3x": (vovnet_params([1, 1, 2, 2]) + fpn_params([512, 768, 1024], 2) + head_params(5), 33_625_370),
+    "vovnet/MS_V_57_3x": (vovnet_params([1, 1, 4, 3]) + fpn_params([512, 768, 1024], 2) + head_params(5), 49_884_954),
+    "vovnet/MS_V_99_3x": (vovnet_params([1, 3, 9, 3]) + fpn_params([512, 768, 1024], 2) + head_params(5), 77_931_034),
+    "R_18_1x-Full-SyncBN": (
+        basic_resnet_params([2, 2, 2, 2]) + fpn_params([128, 256, 512], 2, norm=True) + head_params(5, norm="bn"),
+        19_296_154,
+    ),
+    "MS_R_101_2x": (bottleneck_resnet_params([3, 4, 23, 3]) + fpn_params(RESNET_C3_C5, 2) + head_params(5), 51_184_154),
+    "MS_X_101_32x8d_2x": (
+        bottleneck_resnet_params([3, 4, 23, 3], 32, 8) + fpn_params(RESNET_C3_C5, 2) + head_params(5),
+        95_328_794,
+    ),
+    "MS_X_101_64x4d_2x_dcnv2": (
+        bottleneck_resnet_params([3, 4, 23, 3], 64, 4)
+        + dcn_offsets([(1024, 23), (2048, 3)])
+        + fpn_params(RESNET_C3_C5, 2)
+        + head_params(5, dcn=True),
+        97_334_030,
+    ),
+}
+
+
+@pytest.mark.parametrize("row", list(DERIVED_TOTALS))
+def test_derived_fcos_totals(row):
+    """Totals of zoo rows the key contract does not list, from the layer formulas above: the X-101-32x8d-DCNv2
+    row of the contract (102,670,094) validates the ResNeXt, DCN-offset and DCN-head terms."""
+    derived, expected = DERIVED_TOTALS[row]
+    assert derived == expected
+    dcnv2_32x8d = (
+        bottleneck_resnet_params([3, 4, 23, 3], 32, 8)
+        + dcn_offsets([(1024, 23), (2048, 3)])
+        + fpn_params(RESNET_C3_C5, 2)
+        + head_params(5, dcn=True)
+    )
+    assert dcnv2_32x8d == 102_670_094
+
+
+def test_rt_r50_full_syncbn_total():
+    """FCOS_RT/MS_R_50_4x_full-syncbn: every ResNet-50 BN trainable (their affine terms count), SyncBN FPN and
+    per-level SyncBN head on P3-P5."""
+    bn_affine = sum(
+        2 * m.num_features
+        for m in build("resnet50", norm="syncbn", freeze_at=0).modules()
+        if isinstance(m, nn.BatchNorm2d)
+    )
+    total = bottleneck_resnet_params([3, 4, 6, 3]) + bn_affine + fpn_params(RESNET_C3_C5, 0, norm=True)
+    assert total + head_params(3, norm="bn") == 31_126_936
 
 
 # --- forward / backward -------------------------------------------------------------------------------------
