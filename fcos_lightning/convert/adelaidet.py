@@ -101,10 +101,10 @@ class AdelaiDetArch:
         """Hydra overrides of ``conf/train.yaml`` that build this network (test sizes of its zoo rows)."""
         if self.backbone == "dla34":
             preset = "dla34_rt"
-        elif self.is_rt and self.backbone != "resnet18" and not self.is_vovnet:
-            if self.backbone != "resnet50":
-                raise ValueError(f"no FCOS_RT preset for {self.backbone} (AdelaiDet has RT rows for R-50, DLA-34)")
+        elif self.is_rt and self.backbone == "resnet50":
             preset = "r50_rt"
+        elif self.is_rt and self.backbone.startswith(("resnet101", "resnext")):
+            raise ValueError(f"no FCOS_RT preset for {self.backbone} (AdelaiDet has RT rows for R-50, DLA-34)")
         else:  # every setting that differs between rows is overridden below
             preset = PRESETS[self.backbone]
         out = [
