@@ -27,6 +27,7 @@ Where timm's trunks differ from AdelaiDet's:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,10 @@ def convert_frozen_batch_norm(module: nn.Module) -> nn.Module:
 def load_trunk_weights(body: nn.Module, path: str | Path) -> None:
     """Load a local timm/torchvision-style state dict (bare, or under ``state_dict``/``model``) into ``body``.
 
-    A leading ``module.`` (DDP) is stripped. Missing and unexpected keys are logged (a classifier ``fc`` is
-    expected to be unexpected); a file sharing no key with ``body`` is an error. Shape mismatches raise.
+    A leading ``module.`` (DDP) is stripped, and a classifier's ``stem.0.`` names become the ``stem_0.`` of a
+    ``features_only`` trunk where timm flattened the Sequential. Missing and unexpected keys are logged (a
+    classifier ``fc`` is expected to be unexpected); a file sharing no key with ``body`` is an error. Shape
+    mismatches raise.
     """
     state = safe_load(path)
     for wrapper in ("state_dict", "model"):
@@ -127,6 +130,9 @@ def load_trunk_weights(body: nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
     own = body.state_dict().keys()
+    # features_only flattens top-level Sequentials (timm VoVNet's stem.0 / stages.0 become stem_0 / stages_0)
+    flat = {k: re.sub(r"^(\w+)\.(\d+)\.", r"\1_\2.", k) for k in state}
+    state = {(flat[k] if k not in own and flat[k] in own else k): v for k, v in state.items()}
     if not own & state.keys():
         raise ValueError(f"{path}: no key matches the {type(body).__name__} trunk; is it the right file?")
     missing, unexpected = body.load_state_dict(state, strict=False)

@@ -506,6 +506,29 @@ def test_loads_local_weights(tmp_path, caplog, imagenet_like_resnet50, wrapper):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_loads_local_vovnet_classifier_weights_into_the_flattened_trunk(tmp_path, caplog):
+    """timm's VoVNet classifier names its layers stem.0 / stages.0; features_only flattens them to stem_0 /
+    stages_0. The eSE layers AdelaiDet's layout adds are not in such a file: a warning says they start random."""
+    torch.manual_seed(0)
+    source = timm.create_model("ese_vovnet39b").eval()
+    path = tmp_path / "v39.pth"
+    torch.save(source.state_dict(), path)
+    with caplog.at_level(logging.INFO, logger="fcos_lightning.modeling.backbones"):
+        backbone = TimmBackbone("ese_vovnet39b", weights=str(path), ese_every_block=True, **VOVNET)
+    assert torch.equal(
+        backbone.body.stages_3.blocks[1].conv_concat.conv.weight, source.stages[3].blocks[1].conv_concat.conv.weight
+    )
+    assert torch.equal(backbone.body.stem_0.bn.running_var, source.stem[0].bn.running_var)
+    assert "2 eSE layers added" in caplog.text and "start from random initialization" in caplog.text
+    assert "missing" not in caplog.text  # every tensor of timm's layout found its place
+    plain = TimmBackbone("ese_vovnet39b", weights=str(path), **VOVNET)  # timm's layout: every trunk tensor loads
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = source.forward_intermediates(x, indices=(2, 3, 4), intermediates_only=True)
+        for a, b in zip(plain(x), expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_rejects_weights_that_match_nothing(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"model": {"encoder.weight": torch.zeros(3)}}, path)
