@@ -170,12 +170,9 @@ DLA_UNUSED_PROJECT = 41_728
 ADELAIDET_PARAMS = {
     "R_50_1x": 32_244_250,
     "MS_R_50_2x": 32_244_250,
-    "R_50_1x_iou": 32_244_250,  # the IoU quality branch reuses the centerness conv: same network
-    "MS_R_50_2x_iou": 32_244_250,
-    "MS_R_101_2x_iou": 51_184_154,  # derived: R-50 + 17 more res4 bottlenecks (1,114,112 each)
-    "MS_X_101_32x8d_2x_iou": 95_328_794,  # derived: the dcnv2 row without its 26 + 2 offset convs
+    "MS_R_101_2x": 51_184_154,  # derived: R-50 + 17 more res4 bottlenecks (1,114,112 each)
+    "MS_X_101_32x8d_2x": 95_328_794,  # derived: the dcnv2 row without its 26 + 2 offset convs
     "MS_X_101_32x8d_2x_dcnv2": 102_670_094,
-    "MS_X_101_32x8d_2x_dcnv2_iou": 102_670_094,
     "MS_X_101_64x4d_2x_dcnv2": 97_334_030,  # derived: 64 groups x 4 halve every grouped 3x3 conv of 32x8d
     "R_18_1x-Full-SyncBN": 19_296_154,  # derived: BN/SyncBN affine terms of backbone, FPN and head count
     "FCOS_RT/MS_R_50_4x_full-syncbn": 31_126_936,  # derived: as R_18_1x-Full-SyncBN, P3-P5
@@ -195,3 +192,15 @@ def test_preset_parameter_count_equals_adelaidet(experiment, compose_cfg, tmp_pa
     cfg = compose_cfg("train", [f"experiment={experiment}"], tmp_path)
     model = instantiate(cfg.model, num_classes=80)
     assert sum(p.numel() for p in model.parameters()) == ADELAIDET_PARAMS[experiment]
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.endswith("_iou")])
+def test_iou_presets_are_their_base_row_with_the_iou_quality_branch(experiment, compose_cfg, tmp_path):
+    """AdelaiDet's *_iou configs add only ``BOX_QUALITY: iou`` to their base config (the quality branch reuses the
+    centerness conv), so each has its base row's network, data, schedule and parameter count."""
+    iou = compose_cfg("train", [f"experiment={experiment}"], tmp_path)
+    base = compose_cfg("train", [f"experiment={experiment.removesuffix('_iou')}"], tmp_path)
+    assert iou.module.box_quality == "iou" and base.module.box_quality == "ctrness"
+    base.module.box_quality = "iou"
+    assert OmegaConf.to_container(iou, resolve=True) == OmegaConf.to_container(base, resolve=True)
+    assert experiment.removesuffix("_iou") in ADELAIDET_PARAMS
