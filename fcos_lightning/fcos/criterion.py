@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fcos_lightning.fcos.loss import BoxLossType, FCOSLoss
+from fcos_lightning.fcos.loss import BoxLossType, BoxQuality, FCOSLoss
 from fcos_lightning.fcos.points import flatten_levels, make_points
 from fcos_lightning.fcos.targets import FCOSTargets, TargetAssigner
 
@@ -27,7 +27,7 @@ class FCOSCriterion:
         strides, sizes_of_interest, point_offset: the model's geometry (``FCOS.strides`` etc.): where the points
             sit and which object sizes each level takes; :meth:`for_model` reads them from the network.
         center_sampling_radius, inclusive_ranges: target assignment (:class:`TargetAssigner`).
-        box_loss_type, focal_alpha, focal_gamma: the loss terms (:class:`FCOSLoss`).
+        box_loss_type, focal_alpha, focal_gamma, box_quality: the loss terms (:class:`FCOSLoss`).
     """
 
     def __init__(
@@ -41,12 +41,13 @@ class FCOSCriterion:
         box_loss_type: BoxLossType = "giou",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        box_quality: BoxQuality = "ctrness",
     ) -> None:
         self.num_classes = int(num_classes)
         self.strides = [int(s) for s in strides]
         self.point_offset = float(point_offset)
         self.assigner = TargetAssigner(self.strides, sizes_of_interest, center_sampling_radius, inclusive_ranges)
-        self.loss = FCOSLoss(self.num_classes, box_loss_type, focal_alpha, focal_gamma)
+        self.loss = FCOSLoss(self.num_classes, box_loss_type, focal_alpha, focal_gamma, box_quality)
 
     @classmethod
     def for_model(cls, model: Any, **settings: Any) -> FCOSCriterion:
@@ -62,6 +63,7 @@ class FCOSCriterion:
             "box_loss_type": self.loss.box_loss_type,
             "focal_alpha": self.loss.focal_alpha,
             "focal_gamma": self.loss.focal_gamma,
+            "box_quality": self.loss.box_quality,
         }
 
     def assign(self, outputs: Any, targets: Sequence[Mapping[str, Tensor]]) -> FCOSTargets:

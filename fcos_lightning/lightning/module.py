@@ -24,6 +24,7 @@ from fcos_lightning.evaluation.evaluator import COCOEvaluator
 from fcos_lightning.evaluation.visualize import detection_grid
 from fcos_lightning.fcos.criterion import FCOSCriterion
 from fcos_lightning.fcos.decoder import FCOSDecoder
+from fcos_lightning.fcos.loss import BoxQuality
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.files import write_json_atomic
 from fcos_lightning.lightning.nonfinite import (
@@ -68,6 +69,8 @@ class FCOSLitModule(pl.LightningModule):
             losses only.
         num_vis_images: validation images drawn to TensorBoard at each round.
         output_dir: where ``metrics.json`` of the last validation and the pictures are written (None: not).
+        box_quality: what the quality output learns (:class:`~fcos_lightning.fcos.loss.FCOSLoss`): ``ctrness``
+            or ``iou``.
         on_nonfinite_loss: ``stop`` raises on a NaN/Inf training loss naming the batch's image ids and the
             loss terms; ``skip`` logs that and skips the step (:mod:`fcos_lightning.lightning.nonfinite`).
     """
@@ -96,6 +99,7 @@ class FCOSLitModule(pl.LightningModule):
         num_vis_images: int = 4,
         output_dir: str | None = None,
         on_nonfinite_loss: OnNonFiniteLoss = "stop",
+        box_quality: BoxQuality = "ctrness",
     ) -> None:
         super().__init__()
         if on_nonfinite_loss not in ON_NONFINITE_LOSS:
@@ -115,6 +119,7 @@ class FCOSLitModule(pl.LightningModule):
             box_loss_type=box_loss_type,
             focal_alpha=focal_alpha,
             focal_gamma=focal_gamma,
+            box_quality=box_quality,
         )
         self.decoder = FCOSDecoder.for_model(model, postprocessor)
         self.lr, self.momentum = lr, momentum

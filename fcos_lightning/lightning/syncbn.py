@@ -1,9 +1,10 @@
 """SyncBN under DDP: only the layers a preset declares synchronized become ``SyncBatchNorm``.
 
-The head and the FCOS_RT backbones declared ``norm: SyncBN`` are built with plain
-``BatchNorm2d``. Only under DDP on CUDA with more than one process are exactly those layers turned into
-``SyncBatchNorm``: FrozenBN stays frozen, GroupNorm is untouched and a head declared ``BN`` keeps per-process
-statistics. Lightning's ``Trainer(sync_batchnorm=True)`` would instead convert every BN of the model.
+SyncBN: the head (``norm: SyncBN``), the FPN (``fpn_norm: SyncBN``) and the backbones declared
+``norm: SyncBN`` are built with plain ``BatchNorm2d``. Only under DDP on CUDA with more than one process are
+exactly those layers turned into ``SyncBatchNorm``: FrozenBN stays frozen, GroupNorm is untouched and a head
+declared ``BN`` keeps per-process statistics. Lightning's ``Trainer(sync_batchnorm=True)`` would instead
+convert every BN of the model.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 
 import pytorch_lightning as pl
 from pytorch_lightning.strategies import DDPStrategy
+from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
+from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -29,23 +32,29 @@ def should_sync_batchnorm(trainer: pl.Trainer) -> tuple[bool, str]:
 
 
 def sync_batchnorm_targets(model: nn.Module) -> dict[str, nn.Module]:
-    """The parts of an FCOS network whose BatchNorm is declared synchronized: the head if its norm is
-    ``SyncBN``, the backbone if its norm is ``SyncBN``."""
+    """The parts of an FCOS network whose BatchNorm is declared synchronized: the head or the FPN if its norm
+    is ``SyncBN``, the backbone if its norm is ``SyncBN``."""
     targets = {}
     if getattr(getattr(model, "backbone", None), "norm", None) == "SyncBN":
         targets["backbone"] = model.backbone
+    if getattr(getattr(model, "fpn", None), "norm", None) == "SyncBN":
+        targets["fpn"] = model.fpn
     if getattr(getattr(model, "head", None), "norm", None) == "SyncBN":
         targets["head"] = model.head
     return targets
 
 
 def convert_batchnorm_to_sync(module: nn.Module) -> int:
-    """Replace every ``BatchNorm2d`` below ``module`` by ``SyncBatchNorm`` sharing its parameters and buffers;
-    returns how many. FrozenBN and GN are not BatchNorm2d and stay as they are."""
+    """Replace every ``BatchNorm2d`` below ``module`` by ``SyncBatchNorm`` (timm's ``BatchNormAct2d`` by timm's
+    ``SyncBatchNormAct``, keeping its activation) sharing its parameters and buffers; returns how many. FrozenBN
+    and GN are not BatchNorm2d and stay as they are."""
     count = 0
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
             module.add_module(name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+            count += 1
+        elif type(child) is BatchNormAct2d:
+            module.add_module(name, timm_convert_sync_batchnorm(child))
             count += 1
         elif isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
             raise TypeError(f"cannot convert {type(child).__name__} ({name}) to SyncBatchNorm")

@@ -4,23 +4,40 @@
 backbones do on top of a classification trunk: FrozenBN, ``FREEZE_AT``, the MSRA stride placement
 (``STRIDE_IN_1X1``) and DCNv2 stages. Channels and strides come from timm's ``feature_info``.
 
-Supported and tested: ``resnet50``, ``resnet101``, ``resnext101_32x8d``, ``resnext101_64x4d`` (use
-``out_indices=(2, 3, 4)`` = res3, res4, res5: strides 8/16/32) and ``dla34`` (timm's feature index ``i`` is
-DLA's ``level{i}``; use ``out_indices=(3, 4, 5)`` = level3..level5: strides 8/16/32, channels 128/256/512).
-timm's ``dla34`` omits the ``project`` layers of ``level3``/``level4`` that ucbdrive's/AdelaiDet's DLA builds
-but never uses (41,728 parameters); the function computed is the same.
+Supported and tested: ``resnet18``, ``resnet50``, ``resnet101``, ``resnext101_32x8d``, ``resnext101_64x4d``
+(use ``out_indices=(2, 3, 4)`` = res3, res4, res5: strides 8/16/32), ``dla34`` (timm's feature index ``i`` is
+DLA's ``level{i}``; use ``out_indices=(3, 4, 5)`` = level3..level5: strides 8/16/32, channels 128/256/512) and
+the eSE-VoVNets ``ese_vovnet39b``/``57b``/``99b`` (``out_indices=(2, 3, 4)`` = stage3..stage5: strides 8/16/32,
+channels 512/768/1024).
+
+Where timm's trunks differ from AdelaiDet's:
+
+- timm's ``dla34`` omits the ``project`` layers of ``level3``/``level4`` that ucbdrive's/AdelaiDet's DLA builds
+  but never uses (41,728 parameters); the function computed is the same.
+- timm's eSE-VoVNet puts the eSE attention (a 1x1 conv with bias and a hard sigmoid gate) only on the last
+  OSA block of each stage; AdelaiDet's (and vovnet-detectron2's) VoVNet builds one in every OSA block. With
+  ``ese_every_block=True`` the missing ones are added, which makes the network AdelaiDet's: same layers, same
+  function, same parameter count (V-39: 2 more eSE, 1,640,192 parameters; V-57: 5 more, 3,870,976; V-99:
+  12 more, 7,349,248). Everything else matches: stem of three 3x3 convs (64, 64, 128; strides 2, 1, 2), OSA
+  blocks of five 3x3 convs concatenated with the block input then a 1x1 conv, identity shortcuts on every
+  block but a stage's first, 3x3/2 ceil-mode max pooling before stages 3-5, the same hard sigmoid
+  (``relu6(x + 3) / 6``) on a global average pool.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from timm.layers import EffectiveSEModule
+from timm.layers.norm_act import BatchNormAct2d
 from timm.models.resnet import Bottleneck
+from timm.models.vovnet import OsaBlock
 from torch import Tensor, nn
 from torchvision import ops
 
@@ -46,9 +63,29 @@ class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
         return torch.addcmul(bias.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
 
 
+class FrozenBatchNormAct2d(FrozenBatchNorm2d):
+    """:class:`FrozenBatchNorm2d` followed by the activation (and drop) of a timm ``BatchNormAct2d`` it replaces;
+    same state-dict entries as the FrozenBN alone."""
+
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, act: nn.Module | None = None, drop: nn.Module | None = None
+    ):
+        super().__init__(num_features, eps=eps)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
 def frozen_batch_norm(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
-    """A ``FrozenBatchNorm2d`` carrying ``bn``'s affine terms and running statistics."""
-    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps).to(bn.running_mean.device)
+    """A ``FrozenBatchNorm2d`` carrying ``bn``'s affine terms and running statistics (with its activation for a
+    timm ``BatchNormAct2d``)."""
+    if isinstance(bn, BatchNormAct2d):
+        frozen: FrozenBatchNorm2d = FrozenBatchNormAct2d(bn.num_features, bn.eps, bn.act, bn.drop)
+    else:
+        frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+    frozen = frozen.to(bn.running_mean.device)
     if bn.affine:
         frozen.weight.copy_(bn.weight.detach())
         frozen.bias.copy_(bn.bias.detach())
@@ -63,8 +100,10 @@ def convert_frozen_batch_norm(module: nn.Module) -> nn.Module:
     Returns the converted module (a new object only when ``module`` itself is a BN layer).
     """
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if type(module) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
-            raise TypeError(f"cannot freeze {type(module).__name__}: only plain BatchNorm2d/SyncBatchNorm")
+        if type(module) not in (nn.BatchNorm2d, nn.SyncBatchNorm, BatchNormAct2d):
+            raise TypeError(
+                f"cannot freeze {type(module).__name__}: only plain BatchNorm2d/SyncBatchNorm or timm's BatchNormAct2d"
+            )
         if module.running_mean is None:
             raise ValueError("cannot freeze a BatchNorm without running statistics")
         return frozen_batch_norm(module)
@@ -87,8 +126,10 @@ def plain(value: Any) -> Any:
 def load_trunk_weights(body: nn.Module, path: str | Path) -> None:
     """Load a local timm/torchvision-style state dict (bare, or under ``state_dict``/``model``) into ``body``.
 
-    A leading ``module.`` (DDP) is stripped. Missing and unexpected keys are logged (a classifier ``fc`` is
-    expected to be unexpected); a file sharing no key with ``body`` is an error. Shape mismatches raise.
+    A leading ``module.`` (DDP) is stripped, and a classifier's ``stem.0.`` names become the ``stem_0.`` of a
+    ``features_only`` trunk where timm flattened the Sequential. Missing and unexpected keys are logged (a
+    classifier ``fc`` is expected to be unexpected); a file sharing no key with ``body`` is an error. Shape
+    mismatches raise.
     """
     state = safe_load(path)
     for wrapper in ("state_dict", "model"):
@@ -99,6 +140,9 @@ def load_trunk_weights(body: nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
     own = body.state_dict().keys()
+    # features_only flattens top-level Sequentials (timm VoVNet's stem.0 / stages.0 become stem_0 / stages_0)
+    flat = {k: re.sub(r"^(\w+)\.(\d+)\.", r"\1_\2.", k) for k in state}
+    state = {(flat[k] if k not in own and flat[k] in own else k): v for k, v in state.items()}
     if not own & state.keys():
         raise ValueError(f"{path}: no key matches the {type(body).__name__} trunk; is it the right file?")
     missing, unexpected = body.load_state_dict(state, strict=False)
@@ -123,12 +167,16 @@ class TimmBackbone(nn.Module):
             Layers of frozen stages are FrozenBN whatever ``norm`` says.
         freeze_at: detectron2 ``FREEZE_AT``: 0 or -1 nothing frozen, 1 the stem, k the stem and the first k-1
             stages. ResNets: stem = ``conv1``/``bn1``, stages = ``layer1..layer4`` (res2..res5). DLA: stem =
-            ``base_layer``, stages = ``level0, level1, ..., level5``. Frozen = no grad + FrozenBN.
+            ``base_layer``, stages = ``level0, level1, ..., level5``. VoVNet: stem = its three convs, stages =
+            stage2..stage5. Frozen = no grad + FrozenBN.
         stride_in_1x1: MSRA/caffe2 ResNets (detectron2 ``STRIDE_IN_1X1``): the stride 2 of the first block of
             res3..res5 sits on the 1x1 ``conv1`` instead of the 3x3 ``conv2`` (timm/torchvision placement).
         dcn_stages: detectron2 stage numbers (2..5 = res2..res5) whose every block's 3x3 ``conv2`` becomes a
             :class:`ModulatedDeformConv2d` (AdelaiDet ``DEFORM_ON_PER_STAGE``, ``DEFORM_MODULATED``).
         dcn_deformable_groups: ``DEFORM_NUM_GROUPS``.
+        ese_every_block: eSE-VoVNets only: add the eSE attention timm leaves out of every OSA block but a
+            stage's last, as AdelaiDet's VoVNet has it (see the module docstring). timm's ImageNet weights have
+            no such layers: with ``pretrained``/``weights`` they start from timm's random initialization.
         model_kwargs: extra ``timm.create_model`` arguments, e.g. ``{"channels": [16, 32, 64, 128]}`` for a
             narrow ResNet (the CPU demo and tests).
     """
@@ -145,6 +193,7 @@ class TimmBackbone(nn.Module):
         dcn_stages: Sequence[int] = (),
         dcn_deformable_groups: int = 1,
         model_kwargs: Mapping[str, Any] | None = None,
+        ese_every_block: bool = False,
     ) -> None:
         super().__init__()
         if norm not in NORMS:
@@ -160,6 +209,7 @@ class TimmBackbone(nn.Module):
             "dcn_stages": [int(s) for s in dcn_stages],
             "dcn_deformable_groups": int(dcn_deformable_groups),
             "model_kwargs": plain(model_kwargs or {}),
+            "ese_every_block": bool(ese_every_block),
         }
         self.body = timm.create_model(
             name,
@@ -177,6 +227,15 @@ class TimmBackbone(nn.Module):
         for stage in dcn_stages:
             for block in self._resnet_stage(stage, "dcn_stages"):
                 block.conv2 = ModulatedDeformConv2d.from_conv(block.conv2, deformable_groups=dcn_deformable_groups)
+        if ese_every_block:
+            added = self._add_ese_to_every_block()
+            if added and (pretrained or weights is not None):
+                log.warning(
+                    "%s: %d eSE layers added to match AdelaiDet's VoVNet are not in the loaded ImageNet weights and "
+                    "start from random initialization (model.backbone.ese_every_block=false keeps timm's layers)",
+                    name,
+                    added,
+                )
 
         units = self._freeze_units()
         if not -1 <= freeze_at <= len(units):
@@ -207,6 +266,23 @@ class TimmBackbone(nn.Module):
             raise ValueError(f"{what}: res{stage} is not built for these out_indices")
         return layer
 
+    def _add_ese_to_every_block(self) -> int:
+        """Give every OSA block without attention an eSE module (initialized as timm initializes its convs);
+        returns how many were added."""
+        blocks = [m for m in self.body.modules() if isinstance(m, OsaBlock)]
+        if not blocks:
+            raise ValueError(f"ese_every_block needs an eSE-VoVNet (OSA blocks), not {self.name}")
+        added = 0
+        for block in blocks:
+            if block.attn is None:
+                channels = block.conv_concat.conv.out_channels
+                block.attn = EffectiveSEModule(channels).to(block.conv_concat.conv.weight.device)
+                nn.init.kaiming_normal_(block.attn.fc.weight, mode="fan_out", nonlinearity="relu")
+                added += 1
+            elif not isinstance(block.attn, EffectiveSEModule):
+                raise ValueError(f"ese_every_block: {self.name} has {type(block.attn).__name__} attention, not eSE")
+        return added
+
     def _first_blocks(self) -> list[Bottleneck]:
         """Block 0 of the built stages among res3..res5, where a ResNet downsamples with a stride-2 conv2."""
         if not self._is_resnet():
@@ -223,6 +299,9 @@ class TimmBackbone(nn.Module):
             stem, stages = ["conv1", "bn1"], ["layer1", "layer2", "layer3", "layer4"]
         elif hasattr(self.body, "base_layer"):
             stem, stages = ["base_layer"], [f"level{i}" for i in range(6)]
+        elif hasattr(self.body, "stem_0"):  # VoVNet, flattened by features_only: stem_0..2, stages_0..3
+            stem = [n for n in ("stem_0", "stem_1", "stem_2") if hasattr(self.body, n)]
+            stages = [f"stages_{i}" for i in range(4)]
         else:
             return []
         return [stem] + [[n] for n in stages if hasattr(self.body, n)]
@@ -243,6 +322,7 @@ class TimmBackbone(nn.Module):
 
 __all__ = [
     "FrozenBatchNorm2d",
+    "FrozenBatchNormAct2d",
     "TimmBackbone",
     "convert_frozen_batch_norm",
     "frozen_batch_norm",

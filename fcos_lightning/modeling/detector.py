@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fcos_lightning.modeling.fpn import FPN
+from fcos_lightning.modeling.fpn import FPN, FPNNorm
 from fcos_lightning.modeling.head import FCOSHead, HeadOutputs
 
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
@@ -25,6 +25,8 @@ class FCOS(nn.Module):
         num_classes: foreground classes, read from the dataset's annotation file.
         fpn_channels: channels of every pyramid level.
         top_levels: P6/P7 levels added after the backbone's coarsest stride (2 standard, 0 for FCOS_RT).
+        fpn_norm, fpn_relu: the FPN's norm and ReLU (:class:`FPN`; ``SyncBN`` and True in AdelaiDet's
+            full-SyncBN configs, none and False otherwise).
         sizes_of_interest: ``L - 1`` boundaries between the levels' object-size ranges (AdelaiDet
             ``[64, 128, 256, 512]`` for P3-P7, ``[64, 128]`` for FCOS_RT's P3-P5).
         point_offset: point position inside its cell as a fraction of the stride (0.5 AdelaiDet, 0.0
@@ -51,10 +53,12 @@ class FCOS(nn.Module):
         pixel_std: Sequence[float] = IMAGENET_STD_255,
         channels_last: bool = False,
         cpu_micro_batch: int | None = None,
+        fpn_norm: FPNNorm = "none",
+        fpn_relu: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.fpn = FPN(backbone.out_channels, backbone.strides, fpn_channels, top_levels)
+        self.fpn = FPN(backbone.out_channels, backbone.strides, fpn_channels, top_levels, fpn_norm, fpn_relu)
         self.head = head(in_channels=fpn_channels, num_classes=num_classes, num_levels=len(self.fpn.strides))
         self.num_classes = num_classes
         if len(sizes_of_interest) != len(self.fpn.strides) - 1:
@@ -81,6 +85,8 @@ class FCOS(nn.Module):
             "num_classes": int(self.num_classes),
             "fpn_channels": self.fpn_channels,
             "top_levels": self.top_levels,
+            "fpn_norm": self.fpn.norm,
+            "fpn_relu": bool(self.fpn.use_relu),
             "sizes_of_interest": list(self.sizes_of_interest),
             "point_offset": self.point_offset,
             "pixel_mean": self.pixel_mean.flatten().tolist(),

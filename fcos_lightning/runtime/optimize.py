@@ -65,7 +65,7 @@ def fold_batch_norms(module: nn.Module) -> int:
             matches = bn is not None and _foldable(bn) and bn.running_mean.numel() == getattr(conv, "out_channels", -1)
             if type(conv) is nn.Conv2d and matches:
                 _fold(conv, bn)
-                setattr(parent, bn_name, nn.Identity())
+                setattr(parent, bn_name, getattr(bn, "act", nn.Identity()))  # timm's BN+act layers keep the act
                 children[bn_name] = parent._modules[bn_name]
                 folded += 1
     return folded

@@ -29,6 +29,7 @@ def demo_cfg(compose_cfg, tmp_path):
         ("module.focal_gamma=[2]", r"module\.focal_gamma: expected float"),
         ("data.on_bad_image=sometimes", r"data\.datamodule\.on_bad_image: expected .*'error', 'skip'.*'sometimes'"),
         ("module.on_nonfinite_loss=ignore", r"module\.on_nonfinite_loss: expected .*'stop', 'skip'"),
+        ("module.box_quality=centerness", r"module\.box_quality: expected .*'ctrness', 'iou'.*'centerness'"),
     ],
 )
 def test_bad_keys_and_values_fail_at_start_naming_the_key(demo_cfg, tmp_path, override, pattern):

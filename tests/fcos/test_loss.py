@@ -1,4 +1,4 @@
-"""FCOS loss against values computed by hand."""
+"""FCOS loss against values computed by hand, for both quality branches (centerness and IoU)."""
 
 from __future__ import annotations
 
@@ -95,17 +95,69 @@ def test_two_positives_weighting_and_normalizers():
     assert losses["loss_cls"].item() == pytest.approx(expected_cls, rel=1e-5)
 
 
-def test_batch_without_positives():
+def test_iou_quality_by_hand():
+    """BOX_QUALITY=iou on two positives, one per image, worked out by hand.
+
+    Positive 1: prediction PRED = (0.5, 1, 1, 3), target TARGET = (1, 2, 3, 2): smoothed IoU 5.5 / 18.5 =
+    0.297297, GIoU 0.297297 - (20 - 17.5) / 20 = 0.172297, GIoU loss 0.827703 (see IOU and GIOU above).
+    Positive 2: prediction = target = (1, 4, 4, 1): area 5 x 5 = 25 = intersection = union, IoU (25 + 1) /
+    (25 + 1) = 1 exactly, GIoU 1, loss 0.
+    Box loss, unweighted over the 2 positives: (0.827703 + 0) / 2 = 0.413851 (with ``ctrness`` it would be
+    0.827703 * sqrt(1/3) / (sqrt(1/3) + 0.25) = 0.577596: the centerness weights are gone).
+    Quality loss, BCE of the quality logits against the IoUs, over the 2 positives:
+    logit 0.8 -> p = 0.689974, log p = -0.371101, log(1 - p) = -1.171101;
+    BCE(0.8, 0.297297) = -(0.297297 x -0.371101 + 0.702703 x -1.171101) = 0.110327 + 0.822936 = 0.933263;
+    BCE(0.1, 1) = log(1 + exp(-0.1)) = 0.644397; (0.933263 + 0.644397) / 2 = 0.788830.
+    The classification loss does not depend on the quality branch.
+    """
+    t2 = [1.0, 4.0, 4.0, 1.0]
+    cls_logits = torch.tensor([[[0.3, -1.2], [-2.0, 0.7]], [[1.5, -0.4], [0.0, 0.0]]])  # B=2, R=2
+    box_reg = torch.tensor([[PRED, [1.0] * 4], [t2, [1.0] * 4]], requires_grad=True)
+    centerness = torch.tensor([[0.8, -0.3], [0.1, 0.2]], requires_grad=True)
+    labels = torch.tensor([[1, 2], [0, 2]])
+    reg_targets = torch.tensor([[TARGET, [0.0] * 4], [t2, [0.0] * 4]])
+    iou_mode = FCOSLoss(num_classes=2, box_quality="iou")(cls_logits, box_reg, centerness, labels, reg_targets)
+    ctr_mode = FCOSLoss(num_classes=2)(cls_logits, box_reg, centerness, labels, reg_targets)
+    assert iou_mode["loss_box"].item() == pytest.approx(0.413851, abs=1e-6)
+    assert ctr_mode["loss_box"].item() == pytest.approx(0.577596, abs=1e-6)
+    assert iou_mode["loss_ctr"].item() == pytest.approx(0.788830, abs=1e-6)
+    assert iou_mode["loss_cls"].item() == ctr_mode["loss_cls"].item()
+    # the same numbers from the helpers above, to full precision
+    assert iou_mode["loss_box"].item() == pytest.approx((1 - GIOU) / 2, rel=1e-6)
+    assert iou_mode["loss_ctr"].item() == pytest.approx((bce(0.8, IOU) + bce(0.1, 1.0)) / 2, rel=1e-6)
+
+    # the IoU target is detached: the quality loss moves the quality logits only, never the boxes
+    iou_mode["loss_ctr"].backward(retain_graph=True)
+    assert box_reg.grad is None or torch.all(box_reg.grad == 0)
+    # d/dz BCE(z, t) = sigmoid(z) - t, over 2 positives; background points get nothing
+    expected = torch.tensor([[(1 / (1 + math.exp(-0.8)) - IOU) / 2, 0.0], [(1 / (1 + math.exp(-0.1)) - 1) / 2, 0.0]])
+    torch.testing.assert_close(centerness.grad, expected)
+    centerness.grad = None
+    iou_mode["loss_box"].backward()
+    assert centerness.grad is None or torch.all(centerness.grad == 0)
+    assert box_reg.grad[0, 0].abs().sum() > 0
+
+
+def test_unknown_box_quality():
+    with pytest.raises(ValueError, match=r"unknown box_quality 'centerness'; expected one of \['ctrness', 'iou'\]"):
+        FCOSLoss(num_classes=2, box_quality="centerness")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("box_quality", ["ctrness", "iou"])
+def test_batch_without_positives(box_quality):
     cls_logits, box_reg, centerness, _, _ = one_positive_case()
     labels = torch.full((1, 3), 2)
-    losses = FCOSLoss(num_classes=2)(cls_logits, box_reg, centerness, labels, torch.zeros(1, 3, 4))
+    losses = FCOSLoss(num_classes=2, box_quality=box_quality)(
+        cls_logits, box_reg, centerness, labels, torch.zeros(1, 3, 4)
+    )
     expected_cls = sum(focal(z, 0) for z in (0.3, -1.2, -2.0, 0.7, 1.5, -0.4)) / 1  # num_pos clamped to 1
     assert losses["loss_cls"].item() == pytest.approx(expected_cls, rel=1e-5)
     assert losses["loss_box"].item() == 0.0 and losses["loss_ctr"].item() == 0.0
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def test_images_without_boxes_give_defined_gradients_for_every_head_parameter():
+@pytest.mark.parametrize("box_quality", ["ctrness", "iou"])
+def test_images_without_boxes_give_defined_gradients_for_every_head_parameter(box_quality):
     torch.manual_seed(0)
     head = FCOSHead(in_channels=32, num_classes=3, num_levels=2, num_cls_convs=2, num_box_convs=2)
     features = [torch.randn(2, 32, 8, 8), torch.randn(2, 32, 4, 4)]
@@ -116,7 +168,7 @@ def test_images_without_boxes_give_defined_gradients_for_every_head_parameter():
 
     num_points = 8 * 8 + 4 * 4
     labels = torch.full((2, num_points), 3)  # both images without boxes: all background
-    losses = FCOSLoss(num_classes=3)(
+    losses = FCOSLoss(num_classes=3, box_quality=box_quality)(
         flat(out.cls_logits),
         flat(out.box_reg),
         flat(out.centerness)[..., 0],

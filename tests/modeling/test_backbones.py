@@ -8,9 +8,15 @@ import logging
 import pytest
 import timm
 import torch
+from timm.layers import EffectiveSEModule
 from torch import nn
 
-from fcos_lightning.modeling.backbones import FrozenBatchNorm2d, TimmBackbone, convert_frozen_batch_norm
+from fcos_lightning.modeling.backbones import (
+    FrozenBatchNorm2d,
+    FrozenBatchNormAct2d,
+    TimmBackbone,
+    convert_frozen_batch_norm,
+)
 from fcos_lightning.modeling.dcn import ModulatedDeformConv2d
 
 RESNET_C3_C5 = [512, 1024, 2048]
@@ -41,9 +47,12 @@ def conv(k: int, cin: int, cout: int, bias: bool = True, groups: int = 1) -> int
     return k * k * cin // groups * cout + (cout if bias else 0)
 
 
-def fpn_params(in_channels: list[int], top_levels: int, ch: int = 256) -> int:
-    """Lateral 1x1 + output 3x3 per input (bias, no norm), plus P6/P7 3x3 stride-2 convs."""
-    return sum(conv(1, c, ch) + conv(3, ch, ch) for c in in_channels) + top_levels * conv(3, ch, ch)
+def fpn_params(in_channels: list[int], top_levels: int, ch: int = 256, norm: bool = False) -> int:
+    """Lateral 1x1 + output 3x3 per input, plus P6/P7 3x3 stride-2 convs; each with a bias, or (``norm``, the
+    full-SyncBN FPN) without bias and with a BN affine pair."""
+    per_conv = 2 * ch if norm else 0
+    layers = sum(conv(1, c, ch, not norm) + conv(3, ch, ch, not norm) + 2 * per_conv for c in in_channels)
+    return layers + top_levels * (conv(3, ch, ch, not norm) + per_conv)
 
 
 def head_params(levels: int, norm: str = "gn", shared: bool = False, dcn: bool = False, classes: int = 80) -> int:
@@ -145,6 +154,123 @@ def test_parameter_count_matches_detectron2_resnet(name, blocks, groups, width_p
     assert count == bottleneck_resnet_params(blocks, groups, width_per_group)
 
 
+def vovnet_params(blocks: list[int], ese_every_block: bool = True) -> int:
+    """Parameters of AdelaiDet's eSE-VoVNet (vovnet.py: stem 3x3 convs 3->64->64->128; per stage OSA blocks of
+    five bias-free 3x3 convs (128/160/192/224 channels), a bias-free 1x1 conv over their concatenation with the
+    block input to 256/512/768/1024 channels and an eSE 1x1 conv with bias; FrozenBN holds buffers only).
+    ``ese_every_block=False`` counts timm's layout, with eSE on each stage's last block only."""
+    total = conv(3, 3, 64, bias=False) + conv(3, 64, 64, bias=False) + conv(3, 64, 128, bias=False)
+    cin = 128
+    for n, mid, out in zip(blocks, (128, 160, 192, 224), (256, 512, 768, 1024), strict=True):
+        for i in range(n):
+            block_in = cin if i == 0 else out
+            total += (
+                conv(3, block_in, mid, False) + 4 * conv(3, mid, mid, False) + conv(1, block_in + 5 * mid, out, False)
+            )
+            if ese_every_block or i == n - 1:
+                total += conv(1, out, out)
+        cin = out
+    return total
+
+
+VOVNET = {"out_indices": (2, 3, 4), "norm": "FrozenBN", "freeze_at": 0}
+VOVNET_BLOCKS = {"ese_vovnet39b": [1, 1, 2, 2], "ese_vovnet57b": [1, 1, 4, 3], "ese_vovnet99b": [1, 3, 9, 3]}
+
+
+@pytest.mark.parametrize("name", list(VOVNET_BLOCKS))
+def test_vovnet_parameter_count_matches_adelaidet_with_ese_in_every_block(name):
+    blocks = VOVNET_BLOCKS[name]
+    ours = build(name, ese_every_block=True, **VOVNET)
+    timm_layout = build(name, **VOVNET)
+    print(f"{name}: AdelaiDet layout {n_params(ours):,}, timm layout {n_params(timm_layout):,}")
+    assert n_params(ours) == vovnet_params(blocks)
+    assert n_params(timm_layout) == vovnet_params(blocks, ese_every_block=False)
+    # the eSE convs timm leaves out: one per block but the last of each stage (C x C weights + C biases)
+    missing = sum((n - 1) * conv(1, c, c) for n, c in zip(blocks, (256, 512, 768, 1024), strict=True))
+    assert n_params(ours) - n_params(timm_layout) == missing
+    assert missing == {"ese_vovnet39b": 1_640_192, "ese_vovnet57b": 3_870_976, "ese_vovnet99b": 7_349_248}[name]
+    assert ours.out_channels == [512, 768, 1024] and ours.strides == [8, 16, 32]
+
+
+def basic_resnet_params(blocks: list[int], trainable_bn: bool = True) -> int:
+    """detectron2 BasicBlock ResNet (R-18/34) trunk: 7x7 stem, two bias-free 3x3 convs per block, a 1x1 shortcut
+    where the channels change; BN affine terms count when BN is trainable (full SyncBN)."""
+    bn = 2 if trainable_bn else 0
+    total, cin = conv(7, 3, 64, bias=False) + bn * 64, 64
+    for stage, n in enumerate(blocks):
+        c = 64 * 2**stage
+        for i in range(n):
+            block_in = cin if i == 0 else c
+            total += conv(3, block_in, c, False) + conv(3, c, c, False) + 2 * bn * c
+            if block_in != c:
+                total += conv(1, block_in, c, False) + bn * c
+        cin = c
+    return total
+
+
+def test_resnet18_full_syncbn_parameter_count_matches_detectron2():
+    backbone = build("resnet18", norm="SyncBN", freeze_at=0)
+    assert all(p.requires_grad for p in backbone.parameters())
+    assert n_params(backbone) == basic_resnet_params([2, 2, 2, 2]) == 11_176_512
+    assert backbone.out_channels == [128, 256, 512]
+
+
+def dcn_offsets(widths_and_blocks: list[tuple[int, int]]) -> int:
+    """Offset convs (3x3, 27 channels, bias) DCNv2 adds to every block of a stage: ``[(width, blocks), ...]``."""
+    return sum(n * conv(3, width, 27) for width, n in widths_and_blocks)
+
+
+# derived totals of the new zoo rows (80 classes), the same numbers tests/app/test_configs.py checks presets against
+DERIVED_TOTALS = {
+    "vovnet/MS_V_39_3x": (vovnet_params([1, 1, 2, 2]) + fpn_params([512, 768, 1024], 2) + head_params(5), 33_625_370),
+    "vovnet/MS_V_57_3x": (vovnet_params([1, 1, 4, 3]) + fpn_params([512, 768, 1024], 2) + head_params(5), 49_884_954),
+    "vovnet/MS_V_99_3x": (vovnet_params([1, 3, 9, 3]) + fpn_params([512, 768, 1024], 2) + head_params(5), 77_931_034),
+    "R_18_1x-Full-SyncBN": (
+        basic_resnet_params([2, 2, 2, 2]) + fpn_params([128, 256, 512], 2, norm=True) + head_params(5, norm="BN"),
+        19_296_154,
+    ),
+    "MS_R_101_2x": (bottleneck_resnet_params([3, 4, 23, 3]) + fpn_params(RESNET_C3_C5, 2) + head_params(5), 51_184_154),
+    "MS_X_101_32x8d_2x": (
+        bottleneck_resnet_params([3, 4, 23, 3], 32, 8) + fpn_params(RESNET_C3_C5, 2) + head_params(5),
+        95_328_794,
+    ),
+    "MS_X_101_64x4d_2x_dcnv2": (
+        bottleneck_resnet_params([3, 4, 23, 3], 64, 4)
+        + dcn_offsets([(1024, 23), (2048, 3)])
+        + fpn_params(RESNET_C3_C5, 2)
+        + head_params(5, dcn=True),
+        97_334_030,
+    ),
+}
+
+
+@pytest.mark.parametrize("row", list(DERIVED_TOTALS))
+def test_derived_fcos_totals(row):
+    """Totals of zoo rows the key contract does not list, from the layer formulas above: the X-101-32x8d-DCNv2
+    row of the contract (102,670,094) validates the ResNeXt, DCN-offset and DCN-head terms."""
+    derived, expected = DERIVED_TOTALS[row]
+    assert derived == expected
+    dcnv2_32x8d = (
+        bottleneck_resnet_params([3, 4, 23, 3], 32, 8)
+        + dcn_offsets([(1024, 23), (2048, 3)])
+        + fpn_params(RESNET_C3_C5, 2)
+        + head_params(5, dcn=True)
+    )
+    assert dcnv2_32x8d == 102_670_094
+
+
+def test_rt_r50_full_syncbn_total():
+    """FCOS_RT/MS_R_50_4x_full-syncbn: every ResNet-50 BN trainable (their affine terms count), SyncBN FPN and
+    per-level SyncBN head on P3-P5."""
+    bn_affine = sum(
+        2 * m.num_features
+        for m in build("resnet50", norm="SyncBN", freeze_at=0).modules()
+        if isinstance(m, nn.BatchNorm2d)
+    )
+    total = bottleneck_resnet_params([3, 4, 6, 3]) + bn_affine + fpn_params(RESNET_C3_C5, 0, norm=True)
+    assert total + head_params(3, norm="BN") == 31_126_936
+
+
 # --- forward / backward -------------------------------------------------------------------------------------
 
 # The 101-layer models train only res5 here (freeze_at=4): bf16 convolutions fall back to slow kernels on CPUs
@@ -156,6 +282,8 @@ FORWARD_CASES = [
     ({"name": "resnext101_32x8d", "dcn_stages": (4, 5), "freeze_at": 4}, RESNET_C3_C5),
     ({"name": "resnext101_64x4d", "freeze_at": 4}, RESNET_C3_C5),
     (DLA, DLA_LEVEL3_5),
+    ({"name": "ese_vovnet39b", "ese_every_block": True, **VOVNET}, [512, 768, 1024]),
+    ({"name": "resnet18", "norm": "SyncBN", "freeze_at": 0}, [128, 256, 512]),
 ]
 
 
@@ -225,27 +353,70 @@ def test_frozen_stages_stay_frozen_in_train_mode():
         torch.testing.assert_close(stem.train()(x), stem.eval()(x))
 
 
+def trunk_with_random_bn(name: str, bias_std: float) -> nn.Module:
+    """A timm features_only trunk (res3-res5 / stage3-stage5) in eval mode with non-trivial BN terms."""
+    torch.manual_seed(0)
+    trunk = timm.create_model(name, features_only=True, out_indices=(2, 3, 4)).eval()
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, bias_std)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    return trunk
+
+
 def test_frozen_bn_everywhere_matches_batch_norm_in_eval():
     backbone = build("resnet50", norm="FrozenBN", freeze_at=0)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
     assert all(p.requires_grad for p in backbone.parameters())
     assert all(p.ndim == 4 for p in backbone.parameters())  # FrozenBN affine terms are buffers
 
-    torch.manual_seed(0)
-    trunk = timm.create_model("resnet50", features_only=True, out_indices=(2, 3, 4)).eval()
-    with torch.no_grad():
-        for m in trunk.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
+    trunk = trunk_with_random_bn("resnet50", bias_std=0.1)
     frozen = convert_frozen_batch_norm(copy.deepcopy(trunk)).train()
     assert all(m.eps == 1e-5 for m in frozen.modules() if isinstance(m, FrozenBatchNorm2d))
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         for a, b in zip(trunk(x), frozen(x), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_vovnet_frozen_bn_keeps_the_activation_and_matches_bn_in_eval():
+    trunk = trunk_with_random_bn("ese_vovnet39b", bias_std=0.5)  # negative pre-activations: the ReLUs matter
+    frozen = convert_frozen_batch_norm(copy.deepcopy(trunk)).train()
+    norms = [m for m in frozen.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert norms and all(isinstance(m, FrozenBatchNormAct2d) and isinstance(m.act, nn.ReLU) for m in norms)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(trunk(x), frozen(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    relu_free = copy.deepcopy(frozen)
+    for m in relu_free.modules():
+        if isinstance(m, FrozenBatchNormAct2d):
+            m.act = nn.Identity()
+    with torch.no_grad():
+        assert not torch.allclose(relu_free(x)[0], frozen(x)[0], atol=1e-3)
+
+
+def test_freeze_at_vovnet_maps_stem_then_stages():
+    backbone = build("ese_vovnet39b", out_indices=(2, 3, 4), norm="BN", freeze_at=2)
+    body = backbone.body
+    frozen = [body.stem_0, body.stem_1, body.stem_2, body.stages_0]
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for p in body.stages_1.parameters())
+    assert isinstance(body.stages_0.blocks[0].conv_concat.bn, FrozenBatchNormAct2d)
+    assert type(body.stages_1.blocks[0].conv_concat.bn).__name__ == "BatchNormAct2d"
+
+
+def test_ese_every_block_adds_the_missing_attention():
+    backbone = build("ese_vovnet57b", ese_every_block=True, **VOVNET)
+    blocks = [b for stage in (backbone.body.stages_2, backbone.body.stages_3) for b in stage.blocks]
+    assert len(blocks) == 4 + 3 and all(isinstance(b.attn, EffectiveSEModule) for b in blocks)
+    assert [b.attn.fc.in_channels for b in blocks] == [768] * 4 + [1024] * 3
+    plain = build("ese_vovnet57b", **VOVNET)
+    assert [b.attn is None for b in plain.body.stages_2.blocks] == [True, True, True, False]
 
 
 # --- stride_in_1x1, DCN -------------------------------------------------------------------------------------
@@ -293,6 +464,8 @@ def test_dcn_stages_replace_every_conv2():
         ({"name": "resnet50", "dcn_stages": (6,)}, "dcn_stages"),
         ({"name": "resnet50", "norm": "gn"}, "norm"),
         ({"name": "resnet50", "freeze_at": 6}, "freeze_at"),
+        ({"name": "resnet50", "ese_every_block": True}, "ese_every_block needs an eSE-VoVNet"),
+        ({"name": "eca_vovnet39b", "out_indices": (2, 3, 4), "ese_every_block": True}, "EcaModule attention"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -330,6 +503,29 @@ def test_loads_local_weights(tmp_path, caplog, imagenet_like_resnet50, wrapper):
     with torch.no_grad():
         expected = source.forward_intermediates(x, indices=(2, 3, 4), intermediates_only=True)
         for a, b in zip(backbone(x), expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_loads_local_vovnet_classifier_weights_into_the_flattened_trunk(tmp_path, caplog):
+    """timm's VoVNet classifier names its layers stem.0 / stages.0; features_only flattens them to stem_0 /
+    stages_0. The eSE layers AdelaiDet's layout adds are not in such a file: a warning says they start random."""
+    torch.manual_seed(0)
+    source = timm.create_model("ese_vovnet39b").eval()
+    path = tmp_path / "v39.pth"
+    torch.save(source.state_dict(), path)
+    with caplog.at_level(logging.INFO, logger="fcos_lightning.modeling.backbones"):
+        backbone = TimmBackbone("ese_vovnet39b", weights=str(path), ese_every_block=True, **VOVNET)
+    assert torch.equal(
+        backbone.body.stages_3.blocks[1].conv_concat.conv.weight, source.stages[3].blocks[1].conv_concat.conv.weight
+    )
+    assert torch.equal(backbone.body.stem_0.bn.running_var, source.stem[0].bn.running_var)
+    assert "2 eSE layers added" in caplog.text and "start from random initialization" in caplog.text
+    assert "missing" not in caplog.text  # every tensor of timm's layout found its place
+    plain = TimmBackbone("ese_vovnet39b", weights=str(path), **VOVNET)  # timm's layout: every trunk tensor loads
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = source.forward_intermediates(x, indices=(2, 3, 4), intermediates_only=True)
+        for a, b in zip(plain(x), expected, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 

@@ -57,6 +57,71 @@ def test_fpn_matches_manual_computation_with_p6_from_p5_and_relu_before_p7():
     assert not torch.allclose(outputs[4], wrong_p7, atol=1e-3)
 
 
+def test_fpn_norm_and_relu_match_manual_computation():
+    """AdelaiDet's full-SyncBN FPN: conv -> BN everywhere (no conv bias); ReLU after every top-down sum and every
+    output below the coarsest input level, none on P5 itself; P6 and P7 ReLU'd after their own conv."""
+    torch.manual_seed(0)
+    fpn = FPN(IN_CHANNELS, IN_STRIDES, out_channels=16, top_levels=2, norm="BN", use_relu=True).eval()
+    assert all(conv.bias is None for conv in (*fpn.lateral_convs, *fpn.output_convs, *fpn.top_convs))
+    with torch.no_grad():
+        for m in fpn.modules():
+            if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics and affine terms
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    c3, c4, c5 = backbone_features()
+
+    def conv_bn(conv, bn, x, stride=1):
+        y = F.conv2d(x, conv.weight, stride=stride, padding=conv.weight.shape[-1] // 2)
+        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False)
+
+    def up(x):
+        return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+    lat3, lat4, lat5 = (conv_bn(c, n, x) for c, n, x in zip(fpn.lateral_convs, fpn.lateral_norms, (c3, c4, c5)))
+    p5 = conv_bn(fpn.output_convs[2], fpn.output_norms[2], lat5)  # the coarsest level: no ReLU at all
+    m4 = (lat4 + up(lat5)).relu()
+    p4 = conv_bn(fpn.output_convs[1], fpn.output_norms[1], m4).relu()
+    m3 = (lat3 + up(m4)).relu()
+    p3 = conv_bn(fpn.output_convs[0], fpn.output_norms[0], m3).relu()
+    p6 = conv_bn(fpn.top_convs[0], fpn.top_norms[0], p5, stride=2).relu()
+    p7 = conv_bn(fpn.top_convs[1], fpn.top_norms[1], p6, stride=2).relu()
+    with torch.no_grad():
+        outputs = fpn([c3, c4, c5])
+    for name, ours, ref in zip(("P3", "P4", "P5", "P6", "P7"), outputs, (p3, p4, p5, p6, p7), strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4, msg=name)
+    assert (outputs[2] < 0).any() and all((o >= 0).all() for i, o in enumerate(outputs) if i != 2)
+
+    plain = FPN(IN_CHANNELS, IN_STRIDES, out_channels=16, top_levels=2)
+    assert all(isinstance(n, nn.Identity) for n in (*plain.lateral_norms, *plain.output_norms, *plain.top_norms))
+    assert all(conv.bias is not None for conv in plain.lateral_convs)
+    # the plain FPN keeps its state-dict layout (older checkpoints load), the normed one adds norm entries
+    assert sorted(plain.state_dict()) == sorted(
+        f"{kind}_convs.{i}.{leaf}"
+        for kind, n in (("lateral", 3), ("output", 3), ("top", 2))
+        for i in range(n)
+        for leaf in ("weight", "bias")
+    )
+    assert "lateral_norms.0.running_mean" in fpn.state_dict() and "top_norms.1.weight" in fpn.state_dict()
+
+
+def test_fpn_norm_parameter_counts():
+    """Every conv loses its bias and gains a norm's affine pair: 2 x 256 per conv, for 3 + 3 + 2 convs."""
+    in_channels = (128, 256, 512)  # ResNet-18 res3-res5
+    plain = FPN(in_channels, IN_STRIDES, top_levels=2)
+    convs = [*plain.lateral_convs, *plain.output_convs, *plain.top_convs]
+    plain_count = sum(p.numel() for p in plain.parameters())
+    for norm in ("BN", "SyncBN", "GN"):
+        fpn = FPN(in_channels, IN_STRIDES, top_levels=2, norm=norm, use_relu=True)
+        assert sum(p.numel() for p in fpn.parameters()) == plain_count - len(convs) * 256 + len(convs) * 2 * 256, norm
+    assert plain_count == sum(conv_params(c, 256, 1) + conv_params(256, 256, 3) for c in in_channels) + 2 * (
+        conv_params(256, 256, 3)
+    )
+    with pytest.raises(ValueError, match=r"unknown FPN norm 'LN'; expected one of \['none', 'GN', 'BN', 'SyncBN'\]"):
+        FPN(in_channels, IN_STRIDES, norm="LN")  # type: ignore[arg-type]
+
+
 def test_fpn_rejects_bad_configs():
     with pytest.raises(ValueError, match="doubling"):
         FPN((8, 16), (8, 24))

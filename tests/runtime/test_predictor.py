@@ -23,9 +23,9 @@ NUM_CLASSES = 3  # the classes of the two_images fixture
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def tiny_fcos(norm: str = "BN") -> FCOS:
-    narrow = {"channels": [16, 32, 64, 128], "stem_width": 16}
-    backbone = TimmBackbone("resnet18", out_indices=(2, 3, 4), norm=norm, freeze_at=0, model_kwargs=narrow)
+def tiny_fcos(norm: str = "BN", name: str = "resnet18") -> FCOS:
+    narrow = {"channels": [16, 32, 64, 128], "stem_width": 16} if name == "resnet18" else {}
+    backbone = TimmBackbone(name, out_indices=(2, 3, 4), norm=norm, freeze_at=0, model_kwargs=narrow)
     head = functools.partial(FCOSHead, norm="GN", num_cls_convs=2, num_box_convs=2)
     return FCOS(backbone, head, NUM_CLASSES, fpn_channels=64, top_levels=2)
 
@@ -52,10 +52,11 @@ def trained(two_images):
     return model.eval(), images, boxes, labels
 
 
+@pytest.mark.parametrize("name", ["resnet18", "ese_vovnet19b_slim"])  # VoVNet: timm's BN+ReLU in one module
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
-def test_folding_batch_norms_keeps_the_function(norm, two_images):
+def test_folding_batch_norms_keeps_the_function(norm, name, two_images):
     torch.manual_seed(1)
-    model = tiny_fcos(norm).eval()
+    model = tiny_fcos(norm, name).eval()
     for m in model.modules():  # non-trivial statistics, so folding has something to get right
         if hasattr(m, "running_var") and m.running_var is not None:
             m.running_mean.uniform_(-0.2, 0.2)
