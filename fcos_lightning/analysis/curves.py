@@ -106,8 +106,8 @@ class F1Curves:
         return int(middle_of_first_max(self.mean_f1()[None])[0])
 
     def best_threshold(self) -> float:
-        """The score threshold with the highest mean F1 over the classes."""
-        return float(self.thresholds[self.best_index()])
+        """The score threshold with the highest mean F1 over the classes (rounded to the 0.001 grid)."""
+        return round(float(self.thresholds[self.best_index()]), 6)
 
     def best_per_class(self) -> np.ndarray:
         """[C] index into ``thresholds`` of each class's highest F1; -1 for classes without ground truth."""
