@@ -2,7 +2,7 @@
 Lightning layer loads neither Lightning nor Hydra/OmegaConf (no config object below the entry points).
 
 Layers, lowest first: ``files``; ``modeling``, ``fcos``, ``data`` (peers: none imports another);
-``checkpoint``; ``convert``, ``evaluation``, ``runtime`` (peers); ``lightning``; ``app``.
+``checkpoint``; ``convert``, ``evaluation``, ``analysis``, ``runtime`` (peers); ``lightning``; ``app``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ RANKS = {
     "checkpoint": 2,
     "convert": 3,
     "evaluation": 3,
+    "analysis": 3,
     "runtime": 3,
     "lightning": 4,
     "app": 5,
