@@ -171,7 +171,12 @@ def _from_version_0(ckpt: Mapping[str, Any], path: str) -> dict[str, Any]:
         "model": model_description(build_model(model)),  # with the arguments version 0 left at their defaults
         "classes": classes.to_dict(),
         "postprocess": {k: v for k, v in module_cfg["postprocessor"].items() if not k.startswith("_")},
-        "criterion": {**{k: module_cfg[k] for k in _V0_CRITERION_KEYS if k in module_cfg}, "inclusive_ranges": True},
+        # version 0 predates the IoU quality branch: its networks learned centerness
+        "criterion": {
+            **{k: module_cfg[k] for k in _V0_CRITERION_KEYS if k in module_cfg},
+            "inclusive_ranges": True,
+            "box_quality": "ctrness",
+        },
         "test_resize": {"min_size": datamodule["test_min_size"], "max_size": datamodule["test_max_size"]},
         "source": source,
     }

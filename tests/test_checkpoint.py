@@ -32,6 +32,7 @@ def test_version_0_checkpoint_loads_as_the_network_that_wrote_it(v0_checkpoint):
         "focal_alpha": 0.25,
         "focal_gamma": 2.0,
         "inclusive_ranges": True,
+        "box_quality": "ctrness",
     }
     assert ckpt["test_resize"] == {"min_size": 192, "max_size": 400}
     assert ckpt["source"]["kind"] == "trained" and ckpt["source"]["migrated_from_format"] == 0

@@ -7,7 +7,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from fcos_lightning.analysis.scoring import STAT_NAMES, CocoScorer, score
-from fcos_lightning.evaluation import evaluate_coco
+from fcos_lightning.evaluation.coco import evaluate_coco
 from tests.analysis.conftest import TINY_CLASSES
 
 
