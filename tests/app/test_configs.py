@@ -97,7 +97,7 @@ def _forward_backward(module) -> dict[str, torch.Tensor]:
         {"boxes": torch.tensor([[20.0, 4.0, 70.0, 60.0]]), "labels": torch.tensor([2])},
     ]
     out = module(images, torch.tensor([[64, 96], [64, 80]]))
-    losses = module.compute_loss(out, module.points(out), targets)
+    losses = module.compute_loss(out, targets)
     losses["loss"].backward()
     assert all(torch.isfinite(v) for v in losses.values()), losses
     assert losses["loss_box"] > 0 and losses["loss_ctr"] > 0  # the boxes found positives
@@ -122,7 +122,7 @@ def test_experiment_composes_and_instantiates(experiment, compose_cfg, tmp_path,
     assert trainer.max_steps == 1
     module = build_module(cfg, datamodule.num_classes, datamodule.category_map, make_schedule(cfg.schedule, 16))
     assert module.category_map == datamodule.category_map
-    assert module.loss_fn.box_quality == ("iou" if experiment.endswith("_iou") else "ctrness")
+    assert module.criterion.loss.box_quality == ("iou" if experiment.endswith("_iou") else "ctrness")
     _forward(module)
     if experiment not in DCN_EXPERIMENTS:
         _forward_backward(module)
