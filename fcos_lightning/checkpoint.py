@@ -14,7 +14,10 @@ with ``torch.load(weights_only=True)``:
 - ``source``: where the weights came from: ``{"kind": "trained", "output_dir", "init_from", "data"}`` or
   ``{"kind": "converted", "format", "file", "dropped_keys", "filled_keys", "data"}``; ``data`` names the val
   split (``val_ann_file``, ``val_img_dir``) and its loader settings (``val_batch_size``, ``num_workers``);
-- ``state_dict``: the network's tensors under ``model.`` (Lightning adds its own entries beside these).
+- ``state_dict``: the network's tensors under ``model.`` (Lightning adds its own entries beside these);
+- ``ema`` (only in checkpoints of a run with ``ema=true``): ``{"decay", "tau", "updates"}``; then ``state_dict``
+  holds the averaged weights, which inference uses, and ``current_model_state`` the trained ones
+  (:mod:`fcos_lightning.lightning.ema`).
 
 Rebuilding the network needs only this module and the model code, no config system. Files in an older layout
 load through :func:`migrate`.
@@ -22,9 +25,10 @@ load through :func:`migrate`.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from torch import Tensor
 
@@ -37,7 +41,9 @@ from fcos_lightning.modeling.detector import FCOS
 __all__ = [
     "FORMAT_VERSION",
     "LoadedModel",
+    "Weights",
     "checkpoint_header",
+    "describe_weights",
     "load_checkpoint",
     "load_model",
     "load_network",
@@ -45,7 +51,12 @@ __all__ = [
     "model_state",
 ]
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
+#: which weight set of a checkpoint of an ``ema=true`` run: the averaged or the trained one
+Weights = Literal["averaged", "trained"]
+WEIGHTS: tuple[Weights, ...] = ("averaged", "trained")
 HEADER_KEYS = ("format_version", "model", "classes", "postprocess", "criterion", "test_resize", "source")
 
 
@@ -80,15 +91,33 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return migrate(ckpt, os.fspath(path))
 
 
-def model_state(ckpt: Mapping[str, Any]) -> dict[str, Tensor]:
-    """The network's weights of a checkpoint of ours (its ``model.`` entries, prefix removed)."""
-    return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+def model_state(ckpt: Mapping[str, Any], weights: Weights = "averaged") -> dict[str, Tensor]:
+    """The network's weights of a checkpoint of ours (its ``model.`` entries, prefix removed): for a checkpoint of
+    an ``ema=true`` run, the averaged ones, or with ``weights="trained"`` the trained ones."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
+    state = ckpt["state_dict"]
+    if weights == "trained" and ckpt.get("ema"):
+        state = ckpt["current_model_state"]
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
 
-def load_network(ckpt: Mapping[str, Any]) -> FCOS:
-    """The checkpoint's network with its weights, in eval mode."""
+def describe_weights(ckpt: Mapping[str, Any], weights: Weights = "averaged") -> str:
+    """Which weights :func:`model_state` takes from ``ckpt``, for the log."""
+    ema = ckpt.get("ema")
+    if not ema:
+        return "its trained weights (no EMA)"
+    settings = f"decay {ema['decay']:g}, tau {ema['tau']:g} steps, {ema['updates']} updates"
+    if weights == "trained":
+        return f"its trained weights, not the EMA of them ({settings})"
+    return f"the EMA of its weights ({settings}; weights=trained for the trained ones)"
+
+
+def load_network(ckpt: Mapping[str, Any], weights: Weights = "averaged") -> FCOS:
+    """The checkpoint's network with its weights (:func:`model_state`), in eval mode; logs which weights."""
     model = build_model(ckpt["model"])
-    model.load_state_dict(model_state(ckpt))
+    model.load_state_dict(model_state(ckpt, weights))
+    log.info("checkpoint: using %s", describe_weights(ckpt, weights))
     return model.eval()
 
 
@@ -102,11 +131,11 @@ class LoadedModel(NamedTuple):
     checkpoint: dict[str, Any]
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """:class:`LoadedModel` of the checkpoint at ``path``."""
+def load_model(path: str | os.PathLike, weights: Weights = "averaged") -> LoadedModel:
+    """:class:`LoadedModel` of the checkpoint at ``path`` (``weights``: :func:`model_state`)."""
     ckpt = load_checkpoint(path)
     classes = CategoryMap.from_dict(ckpt["classes"])
-    return LoadedModel(load_network(ckpt), classes, FCOSPostProcessor(**ckpt["postprocess"]), ckpt)
+    return LoadedModel(load_network(ckpt, weights), classes, FCOSPostProcessor(**ckpt["postprocess"]), ckpt)
 
 
 def migrate(ckpt: Mapping[str, Any], path: str = "checkpoint") -> dict[str, Any]:

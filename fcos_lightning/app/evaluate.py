@@ -27,7 +27,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     output_dir = check_output_dir(cfg.output_dir)
     ckpt = load_checkpoint(cfg.ckpt_path)
     category_map = CategoryMap.from_dict(ckpt["classes"])
-    model = load_network(ckpt)
+    model = load_network(ckpt, cfg.weights)
     datamodule = val_datamodule(cfg, ckpt, model.size_divisibility)
     if datamodule.category_map != category_map:
         raise ValueError(

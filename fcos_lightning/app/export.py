@@ -32,7 +32,7 @@ def export(cfg: DictConfig) -> dict:
     (also written next to the model as ``<name>.json``)."""
     if cfg.format != "onnx":
         raise ValueError(f"format={cfg.format!r}: only onnx is supported")
-    model, category_map, postprocessor, ckpt = load_model(cfg.ckpt_path)
+    model, category_map, postprocessor, ckpt = load_model(cfg.ckpt_path, cfg.weights)
     model = model.float().cpu()
     path = export_onnx(model, cfg.output, cfg.opset)
     log.info("wrote %s (opset %d) from %s", path, cfg.opset, cfg.ckpt_path)

@@ -75,7 +75,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
-    model, category_map, postprocessor, ckpt = load_model(cfg.ckpt_path)
+    model, category_map, postprocessor, ckpt = load_model(cfg.ckpt_path, cfg.weights)
     precision = resolve_precision(cfg.precision, "cpu" if device.type == "cpu" else "gpu")
     # The fast path evaluate.py runs: BN folded, channels-last, conv weights in the autocast dtype.
     model = optimize_for_inference(model.to(device), precision=precision)

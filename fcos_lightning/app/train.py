@@ -35,6 +35,11 @@ class Schedule:
     warmup_iters: int
     val_interval: int
 
+    def step_counts(self) -> dict[str, int | list[int]]:
+        """The counts a learning-rate schedule may take, in optimizer steps (its config gives reference
+        iterations under the same names)."""
+        return {"max_steps": self.max_steps, "milestones": self.milestones, "warmup_iters": self.warmup_iters}
+
     def summary(self) -> str:
         return (
             f"global batch {self.global_batch} | lr {self.lr:g} | {self.max_steps} steps "
@@ -61,13 +66,14 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return n * int(trainer_cfg.get("num_nodes", 1))
 
 
-def make_schedule(schedule_cfg: DictConfig, global_batch: int) -> Schedule:
-    """Linear LR scaling with the global batch; iterations scaled inversely when ``scale_iterations``."""
+def make_schedule(schedule_cfg: DictConfig, global_batch: int, base_lr: float) -> Schedule:
+    """Linear scaling of ``base_lr`` (the optimizer's at the reference batch) with the global batch; iterations
+    scaled inversely when ``scale_iterations``."""
     ratio = global_batch / schedule_cfg.reference_batch_size
     steps = (lambda it: max(1, round(it / ratio))) if schedule_cfg.scale_iterations else (lambda it: int(it))
     return Schedule(
         global_batch=global_batch,
-        lr=schedule_cfg.base_lr * ratio,
+        lr=base_lr * ratio,
         max_steps=steps(schedule_cfg.max_iter),
         milestones=[steps(m) for m in schedule_cfg.milestones],
         warmup_iters=steps(schedule_cfg.warmup_iters) if schedule_cfg.warmup_iters else 0,
@@ -118,13 +124,8 @@ def build_module(
     dm = cfg.data.datamodule
     extra = {}
     if schedule is not None:
-        extra = {
-            "lr": schedule.lr,
-            "milestones": schedule.milestones,
-            "warmup_iters": schedule.warmup_iters,
-            "warmup_factor": cfg.schedule.warmup_factor,
-            "gamma": cfg.schedule.gamma,
-        }
+        steps = {k: v for k, v in schedule.step_counts().items() if k in cfg.lr_schedule}
+        extra = {"optimizer": build(cfg.optimizer, lr=schedule.lr), "lr_schedule": build(cfg.lr_schedule, **steps)}
     return build(cfg.module, _partial_=True)(
         model=model,
         category_map=category_map.to_dict(),
@@ -134,6 +135,25 @@ def build_module(
         output_dir=cfg.output_dir,
         **extra,
     )
+
+
+def gradient_clip_val(cfg: DictConfig) -> tuple[float | None, str]:
+    """The max gradient norm of the run, and why: ``trainer.gradient_clip_val`` when set, else
+    ``auto_gradient_clip_val`` when training is fragile (a backbone without ImageNet weights, or fine-tuning from
+    ``init_from``), else none (AdelaiDet's recipe from ImageNet weights does not clip)."""
+    if cfg.trainer.gradient_clip_val is not None:
+        return float(cfg.trainer.gradient_clip_val), f"{cfg.trainer.gradient_clip_val:g} (trainer.gradient_clip_val)"
+    auto = cfg.get("auto_gradient_clip_val")
+    backbone = cfg.model.backbone
+    if cfg.get("init_from"):
+        reason = "fine-tuning from init_from"
+    elif not backbone.get("pretrained") and not backbone.get("weights"):
+        reason = "the backbone starts from random weights"
+    else:
+        return None, "off (ImageNet weights; trainer.gradient_clip_val=... to clip)"
+    if auto is None:
+        return None, f"off (auto_gradient_clip_val=null; {reason})"
+    return float(auto), f"{auto:g} ({reason}: auto_gradient_clip_val; trainer.gradient_clip_val=... to change)"
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
@@ -164,7 +184,7 @@ def train(cfg: DictConfig) -> float:
     datamodule.setup("validate")  # the val split's ground truth, for the evaluator
     evaluator = COCOEvaluator(datamodule.val_dataset.coco, datamodule.category_map)
     global_batch = world_size(cfg.trainer) * cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)
-    schedule = make_schedule(cfg.schedule, global_batch)
+    schedule = make_schedule(cfg.schedule, global_batch, cfg.optimizer.lr)
     module = build_module(cfg, datamodule.num_classes, datamodule.category_map, schedule, evaluator=evaluator)
     if cfg.get("init_from"):
         if cfg.ckpt_path:
@@ -172,11 +192,15 @@ def train(cfg: DictConfig) -> float:
         init_from_checkpoint(module.model, cfg.init_from, datamodule.category_map)
 
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values()]
+    if cfg.ema:
+        callbacks.append(build(cfg.ema_callback))
     logger = build(cfg.logger) if cfg.get("logger") else False
     precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
+    clip, clip_reason = gradient_clip_val(cfg)
     trainer: pl.Trainer = build(
         cfg.trainer,
         precision=precision,
+        gradient_clip_val=clip,
         max_steps=schedule.max_steps,
         val_check_interval=schedule.val_interval,
         callbacks=callbacks,
@@ -190,12 +214,16 @@ def train(cfg: DictConfig) -> float:
     if trainer.is_global_zero:
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         log.info(
-            "FCOS %s: %d classes %s | %s | precision %s",
+            "FCOS %s: %d classes %s | %s | %s, %s | precision %s | gradient clipping: %s | EMA: %s",
             cfg.model.backbone.name,
             datamodule.num_classes,
             list(datamodule.class_names),
             schedule.summary(),
+            cfg.optimizer._target_.rsplit(".", 1)[-1],
+            cfg.lr_schedule._target_.rsplit(".", 1)[-1],
             precision,
+            clip_reason,
+            f"decay {cfg.ema_callback.decay:g}, tau {cfg.ema_callback.tau:g} steps" if cfg.ema else "off",
         )
         if logger:
             logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))

@@ -8,14 +8,15 @@ holds them after ``fit``): :func:`validation_metrics` reads them back by name.
 
 from __future__ import annotations
 
-import bisect
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import WeightAveraging
 from torch import Tensor, nn
 
 from fcos_lightning.checkpoint import checkpoint_header
@@ -33,6 +34,7 @@ from fcos_lightning.lightning.nonfinite import (
     OnNonFiniteLoss,
     describe_nonfinite,
 )
+from fcos_lightning.lightning.optim import WarmupMultiStep
 from fcos_lightning.lightning.syncbn import apply_sync_batchnorm, should_sync_batchnorm
 from fcos_lightning.modeling.detector import FCOS
 
@@ -41,13 +43,12 @@ log = logging.getLogger(__name__)
 NORM_TYPES = (nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 
 
-def warmup_multistep(step: int, warmup_iters: int, warmup_factor: float, milestones: Sequence[int], gamma: float):
-    """detectron2's WarmupMultiStepLR factor: linear warmup from ``warmup_factor`` then step decay."""
-    factor = gamma ** bisect.bisect_right(list(milestones), step)
-    if step < warmup_iters:
-        alpha = step / warmup_iters
-        factor *= warmup_factor * (1 - alpha) + alpha
-    return factor
+#: makes the optimizer from parameter groups (``[{"params": [...]}, {"params": [...], "weight_decay": ...}]``)
+OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
+#: AdelaiDet's optimizer
+ADELAIDET_SGD: OptimizerFactory = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=1e-4)
+#: AdelaiDet's 1x learning-rate schedule
+ADELAIDET_1X = WarmupMultiStep()
 
 
 class FCOSLitModule(pl.LightningModule):
@@ -59,9 +60,13 @@ class FCOSLitModule(pl.LightningModule):
         postprocessor: inference settings (AdelaiDet defaults when None).
         center_sampling_radius, inclusive_ranges, box_loss_type, focal_alpha, focal_gamma: target and loss
             settings (:class:`~fcos_lightning.fcos.criterion.FCOSCriterion`).
-        lr: learning rate after warmup (already scaled to the global batch by the caller).
-        momentum, weight_decay: SGD settings; ``weight_decay_norm`` applies to norm layers (0 in AdelaiDet).
-        warmup_iters, warmup_factor, milestones, gamma: the WarmupMultiStepLR schedule, in optimizer steps.
+        optimizer: makes the optimizer from two parameter groups (e.g. a ``functools.partial`` of
+            ``torch.optim.SGD`` with its learning rate, already scaled to the global batch, and weight decay);
+            default: AdelaiDet's SGD at lr 0.01.
+        weight_decay_norm: the weight decay of norm layers' parameters (0 in AdelaiDet); the others take the
+            optimizer's.
+        lr_schedule: the factor of the learning rate at each optimizer step
+            (:mod:`fcos_lightning.lightning.optim`); default: AdelaiDet's 1x multi-step schedule.
         test_resize: ``{"min_size", "max_size"}`` of the evaluation resize, and source: where the weights come
             from (:mod:`fcos_lightning.checkpoint`); both saved in every checkpoint with the network's
             description, so that ``evaluate.py`` and ``predict.py`` rebuild the model from the checkpoint alone.
@@ -85,14 +90,9 @@ class FCOSLitModule(pl.LightningModule):
         box_loss_type: str = "giou",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
+        optimizer: OptimizerFactory = ADELAIDET_SGD,
         weight_decay_norm: float = 0.0,
-        warmup_iters: int = 1000,
-        warmup_factor: float = 1e-3,
-        milestones: Sequence[int] = (60000, 80000),
-        gamma: float = 0.1,
+        lr_schedule: Callable[[int], float] = ADELAIDET_1X,
         test_resize: Mapping[str, int] | None = None,
         source: Mapping[str, Any] | None = None,
         evaluator: COCOEvaluator | None = None,
@@ -122,10 +122,7 @@ class FCOSLitModule(pl.LightningModule):
             box_quality=box_quality,
         )
         self.decoder = FCOSDecoder.for_model(model, postprocessor)
-        self.lr, self.momentum = lr, momentum
-        self.weight_decay, self.weight_decay_norm = weight_decay, weight_decay_norm
-        self.warmup_iters, self.warmup_factor = warmup_iters, warmup_factor
-        self.milestones, self.gamma = list(milestones), gamma
+        self.optimizer, self.weight_decay_norm, self.lr_schedule = optimizer, weight_decay_norm, lr_schedule
         self.test_resize = test_resize
         self.source = dict(source or {"kind": "trained"})
         self.evaluator = evaluator
@@ -239,14 +236,13 @@ class FCOSLitModule(pl.LightningModule):
             for p in module.parameters(recurse=False):
                 if p.requires_grad:
                     (no_decay if isinstance(module, NORM_TYPES) else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.weight_decay}]
+        groups = [{"params": decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": self.weight_decay_norm})
-        optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: warmup_multistep(step, self.warmup_iters, self.warmup_factor, self.milestones, self.gamma),
-        )
+        optimizer = self.optimizer(groups)
+        # a lambda, not the schedule object: LambdaLR would save a callable object's fields in the checkpoint and
+        # put them back on resume, overriding the run's configuration
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_schedule(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints --------------------------------------------------------------------------------------
@@ -263,6 +259,14 @@ class FCOSLitModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint.update(self.checkpoint_header())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming a checkpoint of an ``ema=true`` run without EMA: continue from its trained weights, not the
+        averaged ones its ``state_dict`` holds (:mod:`fcos_lightning.lightning.ema`)."""
+        averaging = any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks)
+        if "current_model_state" in checkpoint and not averaging:
+            log.warning("resuming the trained weights of an EMA checkpoint without EMA (ema=false): the average ends")
+            checkpoint["state_dict"] = checkpoint["current_model_state"]
 
 
 def validation_metrics(logged: Mapping[str, Any]) -> dict[str, float]:

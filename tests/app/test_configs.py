@@ -71,7 +71,7 @@ def test_every_zoo_row_has_a_preset():
 
 
 def _build(cfg):
-    return build_module(cfg, CATEGORIES.num_classes, CATEGORIES, make_schedule(cfg.schedule, 16))
+    return build_module(cfg, CATEGORIES.num_classes, CATEGORIES, make_schedule(cfg.schedule, 16, cfg.optimizer.lr))
 
 
 def _forward(module) -> None:
@@ -120,9 +120,11 @@ def test_experiment_composes_and_instantiates(experiment, compose_cfg, tmp_path,
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     trainer = instantiate(cfg.trainer, precision=precision, max_steps=1, logger=False, enable_checkpointing=False)
     assert trainer.max_steps == 1
-    module = build_module(cfg, datamodule.num_classes, datamodule.category_map, make_schedule(cfg.schedule, 16))
+    module = build_module(
+        cfg, datamodule.num_classes, datamodule.category_map, make_schedule(cfg.schedule, 16, cfg.optimizer.lr)
+    )
     assert module.category_map == datamodule.category_map
-    assert module.criterion.loss.box_quality == ("iou" if experiment.endswith("_iou") else "ctrness")
+    assert module.criterion.settings()["box_quality"] == ("iou" if experiment.endswith("_iou") else "ctrness")
     _forward(module)
     if experiment not in DCN_EXPERIMENTS:
         _forward_backward(module)
@@ -156,10 +158,10 @@ def test_schedule_scales_lr_and_iterations_with_global_batch(compose_cfg):
     cfg = compose_cfg("train", ["schedule=1x", "trainer.devices=4", "trainer.num_nodes=2", "data.batch_size=4"])
     global_batch = world_size(cfg.trainer) * cfg.data.batch_size
     assert global_batch == 32
-    schedule = make_schedule(cfg.schedule, global_batch)
+    schedule = make_schedule(cfg.schedule, global_batch, cfg.optimizer.lr)
     assert schedule.lr == pytest.approx(0.02)
     assert schedule.max_steps == 45000 and schedule.milestones == [30000, 40000] and schedule.warmup_iters == 500
-    same = make_schedule(cfg.schedule, 16)
+    same = make_schedule(cfg.schedule, 16, cfg.optimizer.lr)
     assert same.lr == pytest.approx(0.01) and same.max_steps == 90000 and same.milestones == [60000, 80000]
 
 
@@ -222,3 +224,38 @@ def test_iou_presets_are_their_base_row_with_the_iou_quality_branch(experiment, 
     base.module.box_quality = "iou"
     assert OmegaConf.to_container(iou, resolve=True) == OmegaConf.to_container(base, resolve=True)
     assert experiment.removesuffix("_iou") in ADELAIDET_PARAMS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_trains_with_adelaidet_sgd_and_multistep(experiment, compose_cfg):
+    cfg = compose_cfg("train", [f"experiment={experiment}"])
+    optimizer, lr_schedule, schedule = cfg.optimizer, cfg.lr_schedule, cfg.schedule
+    assert optimizer._target_ == "torch.optim.SGD" and optimizer.momentum == 0.9 and optimizer.weight_decay == 1e-4
+    assert cfg.module.weight_decay_norm == 0.0
+    assert lr_schedule._target_ == "fcos_lightning.lightning.optim.WarmupMultiStep"
+    assert lr_schedule.gamma == 0.1 and list(lr_schedule.milestones) == list(schedule.milestones)
+    assert lr_schedule.warmup_iters == schedule.warmup_iters and lr_schedule.warmup_factor == 0.001
+    assert optimizer.lr == schedule.base_lr == (0.02 if experiment == "demo" else 0.01)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "optimizer_type", "lr", "factor_at_end"),
+    [
+        (["optimizer=adamw", "lr_schedule=cosine"], torch.optim.AdamW, 2e-4, 0.0),
+        (["optimizer=sgd", "lr_schedule=multistep"], torch.optim.SGD, 0.02, 0.01),
+    ],
+)
+def test_optimizer_and_lr_schedule_swap(overrides, optimizer_type, lr, factor_at_end, compose_cfg):
+    cfg = compose_cfg("train", ["schedule=1x", "data.batch_size=32", *overrides])
+    module = _build_with_batch(cfg, 32)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert type(optimizer) is optimizer_type and optimizer.defaults["lr"] == pytest.approx(lr)
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0  # norm layers
+    assert module.lr_schedule(0) == pytest.approx(0.001) and module.lr_schedule(500) == pytest.approx(1.0, abs=1e-3)
+    assert module.lr_schedule(45000) == pytest.approx(factor_at_end)  # 90000 reference iterations at batch 32
+
+
+def _build_with_batch(cfg, global_batch: int):
+    return build_module(
+        cfg, CATEGORIES.num_classes, CATEGORIES, make_schedule(cfg.schedule, global_batch, cfg.optimizer.lr)
+    )

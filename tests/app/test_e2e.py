@@ -15,7 +15,7 @@ from pycocotools.cocoeval import COCOeval
 
 from fcos_lightning.app.evaluate import evaluate
 from fcos_lightning.app.train import train
-from fcos_lightning.lightning.module import warmup_multistep
+from fcos_lightning.lightning.optim import WarmupMultiStep
 from fcos_lightning.modeling.detector import FCOS
 
 
@@ -123,8 +123,8 @@ def test_resume_continues_at_same_step_and_lr(tiny_demo, tiny_cfg, tmp_path):
     first = json.loads(probe.read_text())
     assert first["step"] == 8
     # step 8 of the schedule: past the 6-step warmup, before the milestone at 10
-    assert first["lr"] == pytest.approx(0.01 * warmup_multistep(8, 6, 0.001, [10], 0.1))
-    assert warmup_multistep(0, 6, 0.001, [10], 0.1) < 0.01  # a restart from scratch would be in warmup
+    assert first["lr"] == pytest.approx(0.01 * WarmupMultiStep([10], 0.1, 6, 0.001)(8))
+    assert WarmupMultiStep([10], 0.1, 6, 0.001)(0) < 0.01  # a restart from scratch would be in warmup
     final = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert final["global_step"] == 12
 
