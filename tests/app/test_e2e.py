@@ -129,6 +129,15 @@ def test_resume_continues_at_same_step_and_lr(tiny_demo, tiny_cfg, tmp_path):
     assert final["global_step"] == 12
 
 
+def test_last_checkpoint_holds_the_final_step(tiny_demo, tiny_cfg, tmp_path):
+    """The steps after the last validation are checkpointed too: 6 steps, validation every 4."""
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_demo, run, "schedule.max_iter=6", "schedule.val_interval=4", "schedule.warmup_iters=2"))
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 6
+    assert json.loads((run / "metrics.json").read_text())["step"] == 6
+
+
 def test_missing_annotation_file_fails_at_start_naming_it(tiny_demo, tiny_cfg, tmp_path):
     missing = tmp_path / "nope" / "instances_train.json"
     with pytest.raises(FileNotFoundError, match="instances_train.json"):
