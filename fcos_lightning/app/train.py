@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from fcos_lightning.app.config import build, check_config, check_output_dir
 from fcos_lightning.app.init_from import init_from_checkpoint
 from fcos_lightning.app.launch import check_world_size, result_channel, run_multirun_job_with_ddp, send_result
-from fcos_lightning.data.coco import CategoryMap
+from fcos_lightning.data.coco import CategoryMap, CocoDetection
 from fcos_lightning.data.demo import make_demo_dataset
+from fcos_lightning.data.validate import check_image_files
 from fcos_lightning.evaluation.coco import format_table
 from fcos_lightning.evaluation.evaluator import COCOEvaluator
 from fcos_lightning.lightning.module import validation_metrics
@@ -90,6 +91,17 @@ def prepare_data(data_cfg: DictConfig) -> None:
                 raise ValueError(f"demo dataset wrote {key}={paths[key]} but the config expects {path}")
 
 
+def check_val_images(val: CocoDetection, num_workers: int) -> None:
+    """Decode every val image now: one that cannot be decoded would otherwise stop the run at its first
+    validation, after training."""
+    images = {int(i): val.img_info(k) for k, i in enumerate(val.image_ids)}
+    problems = check_image_files(images, val.img_dir, "decode", num_workers)
+    if problems:
+        raise ValueError(
+            f"{val.ann_file}: {problems[0].first()}; fix it before training (validation scores every image)"
+        )
+
+
 def data_source(data_cfg: DictConfig) -> dict:
     """The val split and loader settings a checkpoint records (``evaluate.py``'s defaults for it)."""
     dm = data_cfg.datamodule
@@ -162,6 +174,7 @@ def train(cfg: DictConfig) -> float:
     prepare_data(cfg.data)
     datamodule = build(cfg.data.datamodule)
     datamodule.setup("validate")  # the val split's ground truth, for the evaluator
+    check_val_images(datamodule.val_dataset, int(cfg.data.datamodule.num_workers))
     evaluator = COCOEvaluator(datamodule.val_dataset.coco, datamodule.category_map)
     global_batch = world_size(cfg.trainer) * cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)
     schedule = make_schedule(cfg.schedule, global_batch)

@@ -17,6 +17,7 @@ from fcos_lightning.data.coco import ON_BAD_IMAGE, CategoryMap, CocoDetection, O
 from fcos_lightning.data.collate import Collator
 from fcos_lightning.data.samplers import AspectRatioGroupedBatchSampler, InferenceSampler, dist_info
 from fcos_lightning.data.transforms import build_test_transforms, build_train_transforms
+from fcos_lightning.data.validate import no_batch_reason
 
 __all__ = ["COCODataModule"]
 
@@ -135,6 +136,10 @@ class COCODataModule(pl.LightningDataModule):
             self.setup("fit")
         ds = self.train_dataset
         num_replicas, rank = dist_info()
+        total = len(ds) + ds.num_removed_images
+        reason = no_batch_reason(self.train_ann_file, total, len(ds), self.filter_empty, self.batch_size, num_replicas)
+        if reason:
+            raise ValueError(reason)
         if self.aspect_ratio_grouping:
             batch_sampler = AspectRatioGroupedBatchSampler(
                 ds.aspect_ratios,
