@@ -269,6 +269,17 @@ class FCOSLitModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint.update(self.checkpoint_header())
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resume on data with other category ids would silently train label k as another class: refused."""
+        saved = checkpoint.get("classes") or checkpoint.get("category_map")  # format 1, format 0
+        if saved is None or CategoryMap.from_dict(saved) == self.category_map:
+            return
+        raise ValueError(
+            f"{self.trainer.ckpt_path}: trained on category ids {list(saved['cat_ids'])} {list(saved['names'])}, "
+            f"but the data has {list(self.category_map.cat_ids)} {list(self.category_map.names)}; resume on the "
+            "same categories, or fine-tune with init_from= instead of ckpt_path="
+        )
+
 
 def validation_metrics(logged: Mapping[str, Any]) -> dict[str, float]:
     """The evaluator's metrics (and the validation losses) from what the module logged: an element of what
