@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fcos_lightning.app.config import build, check_config, check_output_dir
+from fcos_lightning.app.config import ConfigError, build, check_config, check_output_dir
 from fcos_lightning.app.init_from import init_from_checkpoint
 from fcos_lightning.app.launch import check_world_size, result_channel, run_multirun_job_with_ddp, send_result
 from fcos_lightning.data.coco import CategoryMap, CocoDetection
@@ -57,8 +57,10 @@ def world_size(trainer_cfg: DictConfig) -> int:
     elif devices in ("auto", -1):
         gpus = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 0
         n = max(gpus, 1)
+    elif isinstance(devices, int) and devices > 0:
+        n = devices
     else:
-        n = int(devices)
+        raise ConfigError(f"trainer.devices: expected a count, a list of device ids or 'auto', got {devices!r}")
     return n * int(trainer_cfg.get("num_nodes", 1))
 
 
@@ -74,6 +76,22 @@ def make_schedule(schedule_cfg: DictConfig, global_batch: int) -> Schedule:
         warmup_iters=steps(schedule_cfg.warmup_iters) if schedule_cfg.warmup_iters else 0,
         val_interval=steps(schedule_cfg.val_interval),
     )
+
+
+def check_schedule(schedule_cfg: DictConfig) -> None:
+    """:class:`ConfigError` naming the first ``schedule.*`` value that is not a number (positive where needed)."""
+    positive = ("reference_batch_size", "max_iter", "val_interval")
+    for key in ("base_lr", "warmup_iters", "warmup_factor", "gamma", *positive):
+        _number(f"schedule.{key}", schedule_cfg[key], positive=key in positive)
+    if not OmegaConf.is_list(schedule_cfg.milestones):
+        raise ConfigError(f"schedule.milestones: expected a list of steps, got {schedule_cfg.milestones!r}")
+    for i, m in enumerate(schedule_cfg.milestones):
+        _number(f"schedule.milestones[{i}]", m)
+
+
+def _number(key: str, value, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or (positive and value <= 0):
+        raise ConfigError(f"{key}: expected a {'positive ' if positive else ''}number, got {value!r}")
 
 
 def prepare_data(data_cfg: DictConfig) -> None:
@@ -169,6 +187,8 @@ def train(cfg: DictConfig) -> float:
     """Train ``cfg``; returns the final ``val/AP`` (percent) so that sweepers can optimize it."""
     result = result_channel()
     check_config(cfg)
+    check_schedule(cfg.schedule)
+    world = world_size(cfg.trainer)
     output_dir = check_output_dir(cfg.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
     prepare_data(cfg.data)
@@ -176,7 +196,7 @@ def train(cfg: DictConfig) -> float:
     datamodule.setup("validate")  # the val split's ground truth, for the evaluator
     check_val_images(datamodule.val_dataset, int(cfg.data.datamodule.num_workers))
     evaluator = COCOEvaluator(datamodule.val_dataset.coco, datamodule.category_map)
-    global_batch = world_size(cfg.trainer) * cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)
+    global_batch = world * cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)
     schedule = make_schedule(cfg.schedule, global_batch)
     module = build_module(cfg, datamodule.num_classes, datamodule.category_map, schedule, evaluator=evaluator)
     if cfg.get("init_from"):
@@ -196,7 +216,7 @@ def train(cfg: DictConfig) -> float:
         logger=logger,
         default_root_dir=str(output_dir),
     )
-    check_world_size(trainer, world_size(cfg.trainer))
+    check_world_size(trainer, world)
     job_ap = run_multirun_job_with_ddp(trainer, sys.argv[0], str(output_dir))
     if job_ap is not None:
         return job_ap

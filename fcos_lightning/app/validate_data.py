@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fcos_lightning.app.config import build, check_config, check_output_dir
 from fcos_lightning.app.train import prepare_data, world_size
@@ -26,8 +26,10 @@ def validate_data(cfg: DictConfig) -> ValidationReport:
         test_max_size=dm.test_max_size,
     )
     v = cfg.validate
+    train_short = min(dm.train_min_sizes) if OmegaConf.is_list(dm.train_min_sizes) else dm.train_min_sizes
+    resize = {"train": (train_short, dm.train_max_size), "val": (dm.test_min_size, dm.test_max_size)}
     splits = [
-        validate_split(s, cfg.data[s].ann_file, cfg.data[s].img_dir, coverage, v.images, v.num_workers)
+        validate_split(s, cfg.data[s].ann_file, cfg.data[s].img_dir, coverage, v.images, v.num_workers, resize[s])
         for s in v.splits
     ]
     for rep in splits:

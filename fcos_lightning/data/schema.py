@@ -284,7 +284,8 @@ def _annotations(anns: list, tables: CocoTables) -> None:
         details = [
             f"annotation id {ann_ids[i]} (image id {ann_img[i]}) has category_id {ann_cat[i]}" for i in bad[:MAX_IDS]
         ]
-        message = f"annotations whose category_id is not in 'categories' {cat_ids}"
+        unknown = sorted(set(ann_cat[bad].tolist()))
+        message = f"annotations with category_id {unknown[:SHOWN_IDS]}, not in 'categories' {cat_ids}"
         tables.add("error", "unknown_category_id", message, ann_ids[bad], "annotation", details=details)
     keep = known_image & known_category
     tables.ann_ids, tables.ann_image_ids, tables.ann_category_ids = ann_ids[keep], ann_img[keep], ann_cat[keep]

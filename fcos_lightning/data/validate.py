@@ -30,6 +30,7 @@ from fcos_lightning.files import write_json_atomic
 
 from .decode import BadImageError, decode_image_file, exif_orientation, size_mismatch_message, transposes
 from .schema import MAX_IDS, CocoTables, Issue, check_coco, issue
+from .transforms import too_thin
 
 __all__ = [
     "IMAGE_CHECKS",
@@ -167,7 +168,9 @@ def no_batch_reason(
     fix = f"set data.batch_size={per_process} or smaller"
     if filter_empty and num_images > num_usable:
         fix += f", or data.filter_empty=false to keep the {num_images - num_usable} images without boxes"
-    return f"{ann_file}: {images} make no full batch of data.batch_size={batch_size} (partial batches are dropped); {fix}"
+    return (
+        f"{ann_file}: {images} make no full batch of data.batch_size={batch_size} (partial batches are dropped); {fix}"
+    )
 
 
 def check_image_file(path: str, image_id: int, expected_hw: tuple[int, int], mode: str) -> str | None:
@@ -208,9 +211,11 @@ def validate_split(
     coverage: Coverage | None = None,
     image_check: str = "decode",
     num_workers: int = 0,
+    resize: tuple[int, int] | None = None,
 ) -> SplitReport:
     """Validate one COCO-format split; see the module docstring for what is an error and what a warning.
-    ``coverage``: the model's view of the boxes (levels, unassignable boxes); None skips it."""
+    ``coverage``: the model's view of the boxes (levels, unassignable boxes); None skips it. ``resize``:
+    ``(short side, long side cap)`` the split is resized with, to find images too thin to resize."""
     if image_check not in IMAGE_CHECKS:
         raise ValueError(f"image_check must be one of {list(IMAGE_CHECKS)}, got {image_check!r}")
     ann_file, img_dir = os.fspath(ann_file), os.fspath(img_dir)
@@ -241,6 +246,18 @@ def validate_split(
     }
     if image_check != "none" and os.path.isdir(img_dir):
         rep.issues.extend(check_image_files(images, img_dir, image_check, num_workers))
+    if resize is not None:
+        ids = list(images)
+        thin = too_thin([images[i]["height"] for i in ids], [images[i]["width"] for i in ids], *resize)
+        if thin:
+            details = [f"image id {ids[k]}: {images[ids[k]]['width']}x{images[ids[k]]['height']}" for k in thin]
+            message = (
+                f"images too thin to resize: a side rounds to 0 px at short side {resize[0]}, long side <= {resize[1]}"
+            )
+            rep.add("error", "image_too_thin", message, [ids[k] for k in thin], "image", details=details)
+            for k in thin:
+                del images[ids[k]]
+                boxes_by_image.pop(ids[k], None)
     if coverage is not None:
         sizes = {i: (im["height"], im["width"]) for i, im in images.items()}
         _add_coverage(coverage(sizes, boxes_by_image), rep)

@@ -17,7 +17,11 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from fcos_lightning.files import UnsafeCheckpointError, safe_load
 
-__all__ = ["AtomicCheckpointIO", "NonFiniteModelError", "first_nonfinite"]
+__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "NonFiniteModelError", "first_nonfinite"]
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (no space left, file-size limit); the previous file is intact."""
 
 
 class NonFiniteModelError(RuntimeError):
@@ -54,6 +58,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
+            kept = "the previous checkpoint is kept" if os.path.exists(path) else "nothing was written"
+            raise CheckpointWriteError(
+                f"could not write checkpoint {path} (disk full or over a file-size limit?); {kept}: {e}"
+            ) from e
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

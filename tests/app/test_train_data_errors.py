@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 
 from fcos_lightning.app.train import train
 from fcos_lightning.app.validate_data import validate_data
@@ -104,3 +105,21 @@ def test_resume_on_other_category_ids_is_refused_naming_both(tiny_demo, tiny_cfg
     torch.save({**torch.load(ckpt, weights_only=True), "pytorch-lightning_version": pl.__version__}, ckpt)
     with pytest.raises(ValueError, match=r"other\.ckpt: trained on category ids \[1, 5, 9\].*data has \[2, 5, 9\]"):
         train(tiny_cfg(tiny_demo, tmp_path / "run", *SHORT, f"ckpt_path={ckpt}"))
+
+
+def test_image_too_thin_to_resize_is_named_by_train_and_validate_data(
+    tiny_demo_copy, tiny_cfg, compose_cfg, tiny_overrides, tmp_path
+):
+    Image.new("RGB", (4000, 1)).save(tiny_demo_copy / "train" / "thin.png")
+
+    def add_thin(d):
+        d["images"].append({"id": 999, "file_name": "thin.png", "width": 4000, "height": 1})
+
+    _rewrite(tiny_demo_copy, "train", add_thin)
+    pattern = r"instances_train\.json: 1 images too thin to resize: .*train_min_sizes=192.*image id 999 \(4000x1\)"
+    with pytest.raises(ValueError, match=pattern):
+        train(tiny_cfg(tiny_demo_copy, tmp_path / "run", *SHORT, "data.filter_empty=false"))
+    overrides = [*tiny_overrides, f"data.root={tiny_demo_copy}", "data.generate_demo=false", "validate.images=header"]
+    report = validate_data(compose_cfg("validate_data", overrides, tmp_path / "validate"))
+    (thin,) = [i for i in report.splits[0].errors if i.code == "image_too_thin"]
+    assert thin.ids == [999] and thin.details == ["image id 999: 4000x1"]

@@ -66,3 +66,13 @@ def test_no_batch_reason_counts_per_process_and_names_the_fixes():
         "without boxes"
     )
     assert no_batch_reason("t.json", 3, 3, False, 4).endswith("set data.batch_size=3 or smaller")
+
+
+def test_unknown_category_report_names_the_unknown_ids(small_coco):
+    data = copy.deepcopy(small_coco.data)
+    data["annotations"][4]["category_id"] = 99
+    data["annotations"][6]["category_id"] = 42
+    report = validate_split("train", small_coco.write(data), small_coco.img_dir, image_check="none")
+    (issue,) = report.errors
+    assert issue.message == "annotations with category_id [42, 99], not in 'categories' [3, 7, 11]"
+    assert issue.ids == [5, 7] and "[42, 99]" in report.format()

@@ -162,3 +162,45 @@ def test_sigterm_saves_last_checkpoint_and_auto_resumes(tiny_demo, tiny_cfg, tin
     assert 3 <= step < 9
     train(tiny_cfg(tiny_demo, run, *RESUME, "ckpt_path=auto"))
     assert _final(run)["global_step"] == 9
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        (b'{"state_dict": {}}', "it is JSON"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "it is a JPEG image"),
+        (b"", "it is empty"),
+    ],
+)
+def test_a_file_that_is_not_a_checkpoint_is_called_so(tmp_path, content, kind):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    for load in (safe_load, load_checkpoint):
+        with pytest.raises(ValueError, match=rf"model\.ckpt: not a checkpoint: {kind}, not a torch\.save file"):
+            load(path)
+
+
+def _save_over_a_file_size_limit(path: str, queue) -> None:
+    """Child process: save a 4 MB checkpoint under a 64 KB file-size limit; report what was raised."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(1 << 20)}, "global_step": 2}, path)
+        queue.put("saved")
+    except Exception as e:  # noqa: BLE001 (the test checks the type and message)
+        queue.put(f"{type(e).__name__}: {e}")
+
+
+def test_a_save_over_the_file_size_limit_says_so_and_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_save_over_a_file_size_limit, args=(str(path), queue))
+    child.start()
+    child.join(60)
+    message = queue.get(timeout=5)
+    assert message.startswith("CheckpointWriteError: could not write checkpoint ") and "last.ckpt" in message
+    assert "(disk full or over a file-size limit?); the previous checkpoint is kept" in message
+    assert safe_load(path)["global_step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
