@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import signal
 from collections import Counter
 from typing import Any
 
@@ -111,6 +112,7 @@ class SaveLast(pl.Callback):
         path = self.path(trainer)
         trainer.save_checkpoint(path)
         log.warning("SIGTERM: saved %s at step %d; resume with ckpt_path=last", path, trainer.global_step)
+        exception.code = 128 + signal.SIGTERM  # Lightning's SystemExit() would exit 0, as if training had ended
 
 
 class RNGStateCheckpoint(pl.Callback):

@@ -8,6 +8,7 @@ refuses to save a model with a NaN/Inf tensor, so ``last.ckpt`` and ``best-*`` s
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,15 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from fcos_lightning.files import UnsafeCheckpointError, safe_load
 
-__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "NonFiniteModelError", "first_nonfinite"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointWriteError",
+    "NonFiniteModelError",
+    "first_nonfinite",
+    "remove_stale_temp_files",
+]
 
 
 class CheckpointWriteError(OSError):
@@ -72,6 +81,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if weights_only is False:
             raise UnsafeCheckpointError(f"refusing weights_only=False for {path}: unpickling can run code")
         return safe_load(path, map_location=map_location)
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
+    """Delete the ``*.tmp<pid>`` files a process killed while saving left in ``directory`` (those of a running
+    process are kept: it may be saving now); returns their paths."""
+    removed = []
+    for tmp in sorted(Path(directory).glob("*.tmp*")) if os.path.isdir(directory) else []:
+        pid = tmp.suffix.removeprefix(".tmp")
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(str(tmp))
+            log.warning("removed %s, left by a process killed while saving a checkpoint", tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(directory: str) -> None:

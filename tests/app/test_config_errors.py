@@ -32,6 +32,7 @@ def demo_cfg(compose_cfg, tmp_path):
         ("schedule.base_lr=abc", r"schedule\.base_lr: expected a number, got 'abc'"),
         ("schedule.max_iter=ten", r"schedule\.max_iter: expected a positive number, got 'ten'"),
         ("schedule.milestones=[100,x]", r"schedule\.milestones\[1\]: expected a number, got 'x'"),
+        ("+trainer.max_steps=3", r"trainer\.max_steps=3 would be ignored: train\.py sets it from schedule\.max_iter"),
         ("trainer.devices=abc", r"trainer\.devices: expected a count, a list of device ids or 'auto', got 'abc'"),
     ],
 )
