@@ -15,10 +15,11 @@ from fcos_lightning.app.config import ConfigError, build, check_config, check_ou
 from fcos_lightning.app.init_from import init_from_checkpoint
 from fcos_lightning.app.launch import check_world_size, result_channel, run_multirun_job_with_ddp, send_result
 from fcos_lightning.data.coco import CategoryMap, CocoDetection
-from fcos_lightning.data.demo import make_demo_dataset
+from fcos_lightning.data.demo import demo_paths, make_demo_dataset
 from fcos_lightning.data.validate import check_image_files
 from fcos_lightning.evaluation.coco import format_table
 from fcos_lightning.evaluation.evaluator import COCOEvaluator
+from fcos_lightning.lightning.checkpoint_io import remove_stale_temp_files
 from fcos_lightning.lightning.module import validation_metrics
 from fcos_lightning.runtime.precision import resolve_precision
 
@@ -78,6 +79,24 @@ def make_schedule(schedule_cfg: DictConfig, global_batch: int) -> Schedule:
     )
 
 
+#: Trainer arguments train() sets itself, and the keys that decide them
+SET_BY_APP = {
+    "max_steps": "schedule.max_iter (scaled to the global batch)",
+    "max_epochs": "schedule.max_iter (scaled to the global batch)",
+    "val_check_interval": "schedule.val_interval",
+    "callbacks": "callbacks.*",
+    "logger": "logger",
+    "default_root_dir": "hydra.run.dir",
+}
+
+
+def check_trainer_keys(trainer_cfg: DictConfig) -> None:
+    """A ``trainer.*`` key that train() sets itself would be silently ignored: a :class:`ConfigError` instead."""
+    for key, instead in SET_BY_APP.items():
+        if key in trainer_cfg:
+            raise ConfigError(f"trainer.{key}={trainer_cfg[key]!r} would be ignored: train.py sets it from {instead}")
+
+
 def check_schedule(schedule_cfg: DictConfig) -> None:
     """:class:`ConfigError` naming the first ``schedule.*`` value that is not a number (positive where needed)."""
     positive = ("reference_batch_size", "max_iter", "val_interval")
@@ -95,18 +114,21 @@ def _number(key: str, value, positive: bool = False) -> None:
 
 
 def prepare_data(data_cfg: DictConfig) -> None:
-    """Build the generated demo dataset on first use (``data.generate_demo``)."""
-    if data_cfg.get("generate_demo", False):
-        paths = make_demo_dataset(data_cfg.root)
-        expected = {
-            "train_ann_file": data_cfg.train.ann_file,
-            "train_img_dir": data_cfg.train.img_dir,
-            "val_ann_file": data_cfg.val.ann_file,
-            "val_img_dir": data_cfg.val.img_dir,
-        }
-        for key, path in expected.items():
-            if Path(paths[key]).resolve() != Path(path).resolve():
-                raise ValueError(f"demo dataset wrote {key}={paths[key]} but the config expects {path}")
+    """Build the generated demo dataset on first use (``data.generate_demo``), unless every ``data.train.*`` and
+    ``data.val.*`` path points elsewhere (one's own data with the demo's recipe)."""
+    if not data_cfg.get("generate_demo", False):
+        return
+    configured = {
+        "train_ann_file": data_cfg.train.ann_file,
+        "train_img_dir": data_cfg.train.img_dir,
+        "val_ann_file": data_cfg.val.ann_file,
+        "val_img_dir": data_cfg.val.img_dir,
+    }
+    demo = demo_paths(data_cfg.root)
+    if all(Path(path).resolve() != Path(demo[key]).resolve() for key, path in configured.items()):
+        log.info("data.train.* and data.val.* are not the demo's: not generating it (data.generate_demo=false)")
+        return
+    make_demo_dataset(data_cfg.root)
 
 
 def check_val_images(val: CocoDetection, num_workers: int) -> None:
@@ -188,8 +210,10 @@ def train(cfg: DictConfig) -> float:
     result = result_channel()
     check_config(cfg)
     check_schedule(cfg.schedule)
+    check_trainer_keys(cfg.trainer)
     world = world_size(cfg.trainer)
     output_dir = check_output_dir(cfg.output_dir)
+    remove_stale_temp_files(output_dir / "checkpoints")
     pl.seed_everything(cfg.seed, workers=True)
     prepare_data(cfg.data)
     datamodule = build(cfg.data.datamodule)
