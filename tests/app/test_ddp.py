@@ -52,7 +52,10 @@ def ddp_run(tiny_overrides, tiny_demo, tmp_path_factory) -> Path:
     probe_dir = cwd.parent / (cwd.name + "_probe")
     probe = f"+callbacks.probe={{_target_:tests.app.conftest.RankMetricsProbe,dir:'{probe_dir}'}}"
     run_script(
-        "train.py", [*tiny_overrides, f"data.root={tiny_demo}", "data.generate_demo=false", *DDP, *schedule, probe], cwd
+        "train.py",
+        [*tiny_overrides, f"data.root={tiny_demo}", "data.generate_demo=false", *DDP, *schedule, probe],
+        cwd,
+        timeout=480,  # 24 steps on 2 processes: past 240 s when other jobs share the 2 cores
     )
     return cwd
 
