@@ -37,6 +37,10 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive, or a pickle (legacy)
+        raise ValueError(f"{path}: not a checkpoint: {_looks_like(head)}, not a torch.save file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -49,3 +53,15 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         ) from None
     except (RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from e
+
+
+def _looks_like(head: bytes) -> str:
+    kinds = {
+        b"\xff\xd8": "a JPEG image",
+        b"\x89PNG": "a PNG image",
+        b"RIFF": "a WebP image",
+        b"{": "JSON",
+        b"[": "JSON",
+    }
+    found = next((kind for magic, kind in kinds.items() if head.lstrip().startswith(magic)), None)
+    return f"it is {found}" if found else f"it starts with {head!r}" if head else "it is empty"

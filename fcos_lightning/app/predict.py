@@ -19,7 +19,7 @@ from torchvision.io import write_png
 
 from fcos_lightning.checkpoint import load_model
 from fcos_lightning.data.coco import CategoryMap, read_image
-from fcos_lightning.data.decode import quiet_tv_io
+from fcos_lightning.data.decode import BadImageError, quiet_tv_io
 from fcos_lightning.data.transforms import ResizeShortestEdge
 from fcos_lightning.evaluation.visualize import draw_detections
 from fcos_lightning.runtime.optimize import optimize_for_inference
@@ -48,6 +48,11 @@ def detect(predictor: Predictor, image: Tensor, resize: ResizeShortestEdge) -> d
     """Detections of one uint8 RGB ``[3, H, W]`` image: boxes xyxy in its own pixels, scores, labels."""
     orig = image.shape[-2:]
     size = resize.get_output_shape(orig[0], orig[1], resize.min_sizes[0], resize.max_size)
+    if min(size) < 1:
+        raise ValueError(
+            f"a {orig[1]}x{orig[0]} image is too thin to resize: a side rounds to 0 px at test_min_size="
+            f"{resize.min_sizes[0]}, test_max_size={resize.max_size}"
+        )
     resized = image if tuple(size) == tuple(orig) else resize(image)
     return predictor([resized], orig_sizes=torch.tensor([list(orig)], device=predictor.device))[0]
 
@@ -88,10 +93,15 @@ def predict(cfg: DictConfig) -> list[dict]:
     resize = ResizeShortestEdge((int(min_size),), int(max_size), sample=False)
     thresh = cfg.score_thresh
     log.info("%s: %d images, test resize %d/%d, score >= %s", cfg.ckpt_path, len(files), min_size, max_size, thresh)
-    records = []
+    records, failed = [], []
     for file in files:
-        image = read_image(str(file))
-        det = detect(predictor, image, resize)
+        try:
+            image = read_image(str(file))
+            det = detect(predictor, image, resize)
+        except (BadImageError, ValueError) as e:  # one bad file does not lose the folder
+            log.error("%s: skipped: %s", file, e)
+            failed.append(f"{file}: {e}")
+            continue
         if thresh is not None:
             det = {k: v[det["scores"] >= thresh] for k, v in det.items()}
         record = detections_record(file, image, det, category_map)
@@ -102,5 +112,7 @@ def predict(cfg: DictConfig) -> list[dict]:
                 write_png(picture, str(out_dir / f"{file.name}.png"))
         records.append(record)
         log.info("%s: %d detections", file.name, len(record["scores"]))
-    print(f"wrote {len(records)} x (.json, .png) to {out_dir}")
+    print(f"wrote {len(records)} x (.json{', .png' if cfg.draw else ''}) to {out_dir}")
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(files)} images could not be processed: " + "; ".join(failed[:5]))
     return records

@@ -11,13 +11,15 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fcos_lightning.app.config import build, check_config, check_output_dir
+from fcos_lightning.app.config import ConfigError, build, check_config, check_output_dir
 from fcos_lightning.app.init_from import init_from_checkpoint
 from fcos_lightning.app.launch import check_world_size, result_channel, run_multirun_job_with_ddp, send_result
-from fcos_lightning.data.coco import CategoryMap
-from fcos_lightning.data.demo import make_demo_dataset
+from fcos_lightning.data.coco import CategoryMap, CocoDetection
+from fcos_lightning.data.demo import demo_paths, make_demo_dataset
+from fcos_lightning.data.validate import check_image_files
 from fcos_lightning.evaluation.coco import format_table
 from fcos_lightning.evaluation.evaluator import COCOEvaluator
+from fcos_lightning.lightning.checkpoint_io import remove_stale_temp_files
 from fcos_lightning.lightning.module import validation_metrics
 from fcos_lightning.runtime.precision import resolve_precision
 
@@ -61,8 +63,10 @@ def world_size(trainer_cfg: DictConfig) -> int:
     elif devices in ("auto", -1):
         gpus = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 0
         n = max(gpus, 1)
+    elif isinstance(devices, int) and devices > 0:
+        n = devices
     else:
-        n = int(devices)
+        raise ConfigError(f"trainer.devices: expected a count, a list of device ids or 'auto', got {devices!r}")
     return n * int(trainer_cfg.get("num_nodes", 1))
 
 
@@ -81,19 +85,67 @@ def make_schedule(schedule_cfg: DictConfig, global_batch: int, base_lr: float) -
     )
 
 
+#: Trainer arguments train() sets itself, and the keys that decide them
+SET_BY_APP = {
+    "max_steps": "schedule.max_iter (scaled to the global batch)",
+    "max_epochs": "schedule.max_iter (scaled to the global batch)",
+    "val_check_interval": "schedule.val_interval",
+    "callbacks": "callbacks.*",
+    "logger": "logger",
+    "default_root_dir": "hydra.run.dir",
+}
+
+
+def check_trainer_keys(trainer_cfg: DictConfig) -> None:
+    """A ``trainer.*`` key that train() sets itself would be silently ignored: a :class:`ConfigError` instead."""
+    for key, instead in SET_BY_APP.items():
+        if key in trainer_cfg:
+            raise ConfigError(f"trainer.{key}={trainer_cfg[key]!r} would be ignored: train.py sets it from {instead}")
+
+
+def check_schedule(schedule_cfg: DictConfig) -> None:
+    """:class:`ConfigError` naming the first ``schedule.*`` value that is not a number (positive where needed)."""
+    positive = ("reference_batch_size", "max_iter", "val_interval")
+    for key in ("base_lr", "warmup_iters", "warmup_factor", "gamma", *positive):
+        _number(f"schedule.{key}", schedule_cfg[key], positive=key in positive)
+    if not OmegaConf.is_list(schedule_cfg.milestones):
+        raise ConfigError(f"schedule.milestones: expected a list of steps, got {schedule_cfg.milestones!r}")
+    for i, m in enumerate(schedule_cfg.milestones):
+        _number(f"schedule.milestones[{i}]", m)
+
+
+def _number(key: str, value, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or (positive and value <= 0):
+        raise ConfigError(f"{key}: expected a {'positive ' if positive else ''}number, got {value!r}")
+
+
 def prepare_data(data_cfg: DictConfig) -> None:
-    """Build the generated demo dataset on first use (``data.generate_demo``)."""
-    if data_cfg.get("generate_demo", False):
-        paths = make_demo_dataset(data_cfg.root)
-        expected = {
-            "train_ann_file": data_cfg.train.ann_file,
-            "train_img_dir": data_cfg.train.img_dir,
-            "val_ann_file": data_cfg.val.ann_file,
-            "val_img_dir": data_cfg.val.img_dir,
-        }
-        for key, path in expected.items():
-            if Path(paths[key]).resolve() != Path(path).resolve():
-                raise ValueError(f"demo dataset wrote {key}={paths[key]} but the config expects {path}")
+    """Build the generated demo dataset on first use (``data.generate_demo``), unless every ``data.train.*`` and
+    ``data.val.*`` path points elsewhere (one's own data with the demo's recipe)."""
+    if not data_cfg.get("generate_demo", False):
+        return
+    configured = {
+        "train_ann_file": data_cfg.train.ann_file,
+        "train_img_dir": data_cfg.train.img_dir,
+        "val_ann_file": data_cfg.val.ann_file,
+        "val_img_dir": data_cfg.val.img_dir,
+    }
+    demo = demo_paths(data_cfg.root)
+    if all(Path(path).resolve() != Path(demo[key]).resolve() for key, path in configured.items()):
+        log.info("data.train.* and data.val.* are not the demo's: not generating it (data.generate_demo=false)")
+        return
+    make_demo_dataset(data_cfg.root)
+
+
+def check_val_images(val: CocoDetection, num_workers: int) -> None:
+    """Decode every val image now: one that cannot be decoded would otherwise stop the run at its first
+    validation, after training."""
+    images = {int(i): val.img_info(k) for k, i in enumerate(val.image_ids)}
+    problems = check_image_files(images, val.img_dir, "decode", num_workers)
+    if problems:
+        raise ValueError(
+            f"{val.ann_file}: {problems[0].first()}; fix it before training (validation scores every image)"
+        )
 
 
 def data_source(data_cfg: DictConfig) -> dict:
@@ -177,13 +229,18 @@ def train(cfg: DictConfig) -> float:
     """Train ``cfg``; returns the final ``val/AP`` (percent) so that sweepers can optimize it."""
     result = result_channel()
     check_config(cfg)
+    check_schedule(cfg.schedule)
+    check_trainer_keys(cfg.trainer)
+    world = world_size(cfg.trainer)
     output_dir = check_output_dir(cfg.output_dir)
+    remove_stale_temp_files(output_dir / "checkpoints")
     pl.seed_everything(cfg.seed, workers=True)
     prepare_data(cfg.data)
     datamodule = build(cfg.data.datamodule)
     datamodule.setup("validate")  # the val split's ground truth, for the evaluator
+    check_val_images(datamodule.val_dataset, int(cfg.data.datamodule.num_workers))
     evaluator = COCOEvaluator(datamodule.val_dataset.coco, datamodule.category_map)
-    global_batch = world_size(cfg.trainer) * cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)
+    global_batch = world * cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)
     schedule = make_schedule(cfg.schedule, global_batch, cfg.optimizer.lr)
     module = build_module(cfg, datamodule.num_classes, datamodule.category_map, schedule, evaluator=evaluator)
     if cfg.get("init_from"):
@@ -207,7 +264,7 @@ def train(cfg: DictConfig) -> float:
         logger=logger,
         default_root_dir=str(output_dir),
     )
-    check_world_size(trainer, world_size(cfg.trainer))
+    check_world_size(trainer, world)
     job_ap = run_multirun_job_with_ddp(trainer, sys.argv[0], str(output_dir))
     if job_ap is not None:
         return job_ap

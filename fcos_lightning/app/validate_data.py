@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fcos_lightning.app.config import build, check_config, check_output_dir
-from fcos_lightning.app.train import prepare_data
-from fcos_lightning.data.validate import ValidationReport, validate_split
+from fcos_lightning.app.train import prepare_data, world_size
+from fcos_lightning.data.validate import ValidationReport, no_batch_reason, validate_split
 from fcos_lightning.evaluation.coverage import FPNCoverage
 
 
@@ -26,10 +26,20 @@ def validate_data(cfg: DictConfig) -> ValidationReport:
         test_max_size=dm.test_max_size,
     )
     v = cfg.validate
+    train_short = min(dm.train_min_sizes) if OmegaConf.is_list(dm.train_min_sizes) else dm.train_min_sizes
+    resize = {"train": (train_short, dm.train_max_size), "val": (dm.test_min_size, dm.test_max_size)}
     splits = [
-        validate_split(s, cfg.data[s].ann_file, cfg.data[s].img_dir, coverage, v.images, v.num_workers)
+        validate_split(s, cfg.data[s].ann_file, cfg.data[s].img_dir, coverage, v.images, v.num_workers, resize[s])
         for s in v.splits
     ]
+    for rep in splits:
+        if rep.split == "train" and rep.num_images:  # no images at all: already a schema error
+            usable = rep.num_images - rep.num_images_without_boxes if dm.filter_empty else rep.num_images
+            reason = no_batch_reason(
+                rep.ann_file, rep.num_images, usable, dm.filter_empty, dm.batch_size, world_size(cfg.trainer)
+            )
+            if reason:
+                rep.add("error", "no_training_batch", reason)
     report = ValidationReport(splits)
     report.write_json(output_dir / "validation.json")
     print(report.format())

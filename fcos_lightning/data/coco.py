@@ -35,8 +35,9 @@ import torch
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
-from .schema import CocoTables, check_coco
-from .decode import BadImageError, ImageSizeMismatchError, decode_image_file, exif_orientation, stored_size, transposes
+from .schema import CocoTables, check_coco, is_crowd
+from .validate import check_image_files
+from .decode import BadImageError, ImageSizeMismatchError, decode_image_file, size_mismatch_message
 
 logger = logging.getLogger("fcos_lightning.data")
 
@@ -110,9 +111,7 @@ class CategoryMap:
         return cls(cat_ids=tuple(d["cat_ids"]), names=tuple(d["names"]))
 
     @classmethod
-    def from_categories(
-        cls, categories: Sequence[Mapping[str, Any]], source: str = "categories"
-    ) -> CategoryMap:
+    def from_categories(cls, categories: Sequence[Mapping[str, Any]], source: str = "categories") -> CategoryMap:
         """From a COCO ``categories`` list (any order); duplicate ids are an error."""
         try:
             pairs = sorted((int(c["id"]), str(c["name"])) for c in categories)
@@ -228,14 +227,15 @@ class CocoDetection(torch.utils.data.Dataset):
         self.category_map = CategoryMap(cat_ids=tuple(sorted(names)), names=tuple(names[c] for c in sorted(names)))
         data.setdefault("annotations", [])
         self._index(tables)
-        self._check_files_exist()
+        self._check_files()
         # The json dict is large (COCO train: ~1 GB as Python objects); keep it only for evaluation.
         self._coco: COCO | None = self._make_coco(data) if not self.train else None
 
     # ------------------------------------------------------------------ construction
-    def _check_files_exist(self) -> None:
-        """Fail at start, not hours into a run, when image files are missing: one directory listing per folder
-        (not a stat per image). With ``on_bad_image=skip`` they are logged here and skipped when drawn."""
+    def _check_files(self) -> None:
+        """Fail at start, not hours into a run, when image files are missing (one directory listing per folder),
+        unreadable or of another size than the json says (swapped width/height included; image headers read in
+        threads). With ``on_bad_image=skip`` they are logged here and skipped when drawn."""
         listings: dict[str, set[str] | None] = {}
         missing = []
         for idx, name in enumerate(self._file_names.tolist()):
@@ -245,15 +245,31 @@ class CocoDetection(torch.utils.data.Dataset):
                 listings[folder] = set(os.listdir(path)) if os.path.isdir(path) else None
             if listings[folder] is None or base not in listings[folder]:
                 missing.append(idx)
-        if not missing:
+        if missing:
+            self._missing_files(missing)
+        present = np.setdiff1d(np.arange(len(self)), missing)
+        images = {int(self._img_ids[i]): self.img_info(int(i)) for i in present}
+        problems = check_image_files(images, self.img_dir, "header", num_workers=min(8, os.cpu_count() or 1))
+        if not problems:
             return
+        shown = "; ".join(d for p in problems for d in p.details[:3])
+        count = sum(p.count for p in problems)
+        message = f"{self.ann_file}: {count} images unreadable or not of the json's size: {shown}"
+        if self.on_bad_image == "error":
+            hint = "data.on_bad_image=skip skips them" if self.train else "validation scores every image: fix them"
+            raise ValueError(f"{message} ({hint})")
+        logger.warning("%s; on_bad_image=skip: they will be skipped", message)
+
+    def _missing_files(self, missing: list[int]) -> None:
         shown = ", ".join(
             f"{os.path.join(self.img_dir, str(self._file_names[i]))} (image id {int(self._img_ids[i])})"
             for i in missing[:5]
         )
         message = f"{self.ann_file}: {len(missing)} of {len(self)} image files not found in {self.img_dir}: {shown}"
         if self.on_bad_image == "error":
-            raise FileNotFoundError(f"{message}{', ...' if len(missing) > 5 else ''} (data.on_bad_image=skip skips them)")
+            raise FileNotFoundError(
+                f"{message}{', ...' if len(missing) > 5 else ''} (data.on_bad_image=skip skips them)"
+            )
         logger.warning("%s; on_bad_image=skip: they will be skipped", message)
 
     # ------------------------------------------------------------------ construction
@@ -309,9 +325,10 @@ class CocoDetection(torch.utils.data.Dataset):
 
     @staticmethod
     def _make_coco(data: dict) -> COCO:
-        # COCOeval reads 'iscrowd' and 'area'; fill them for hand-made files so evaluation does not KeyError.
+        # COCOeval reads 'iscrowd' (as a truth value: "0" would be crowd) and 'area'; set them as the dataset
+        # reads them and fill them for hand-made files, so evaluation neither KeyErrors nor ignores wrong boxes.
         for a in data.get("annotations", []):
-            a.setdefault("iscrowd", 0)
+            a["iscrowd"] = int(bool(is_crowd(a.get("iscrowd"))))
             if "area" not in a:
                 a["area"] = float(a["bbox"][2] * a["bbox"][3])
         coco = COCO()
@@ -388,16 +405,3 @@ class CocoDetection(torch.utils.data.Dataset):
             "image_id": image_id,
             "orig_size": (h, w),
         }
-
-
-def size_mismatch_message(path: str, image_id: int, decoded: tuple[int, int], expected: tuple[int, int]) -> str:
-    """Why a decoded size differs from the json's, with the EXIF orientation when that is the cause."""
-    msg = f"image id {image_id} ({path}): decoded size (h, w) = {decoded} differs from the json's {expected}"
-    orientation = exif_orientation(path)
-    if orientation != 1:
-        raw = stored_size(path)
-        msg += f" (EXIF orientation {orientation} applied; stored pixels are {raw}"
-        if raw == expected and transposes(orientation):
-            msg += ": the json gives the size before EXIF rotation; annotate the rotated image or fix its EXIF tag"
-        msg += ")"
-    return msg

@@ -128,3 +128,18 @@ def stored_size(path: str) -> tuple[int, int] | None:
 def transposes(orientation: int) -> bool:
     """Whether EXIF ``orientation`` swaps height and width."""
     return orientation in _TRANSPOSING
+
+
+def size_mismatch_message(path: str, image_id: int, decoded: tuple[int, int], expected: tuple[int, int]) -> str:
+    """Why a decoded size differs from the json's, with the EXIF orientation when that is the cause."""
+    msg = f"image id {image_id} ({path}): decoded size (h, w) = {decoded} differs from the json's {expected}"
+    orientation = exif_orientation(path)
+    if orientation != 1:
+        raw = stored_size(path)
+        msg += f" (EXIF orientation {orientation} applied; stored pixels are {raw}"
+        if raw == expected and transposes(orientation):
+            msg += ": the json gives the size before EXIF rotation; annotate the rotated image or fix its EXIF tag"
+        msg += ")"
+    elif tuple(decoded) == tuple(expected)[::-1]:
+        msg += " (width and height swapped in the json?)"
+    return msg

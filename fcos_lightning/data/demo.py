@@ -28,7 +28,7 @@ from fcos_lightning.files import write_json_atomic
 from .coco import CategoryMap
 from .decode import quiet_tv_io
 
-__all__ = ["DEMO_CATEGORIES", "make_demo_dataset"]
+__all__ = ["DEMO_CATEGORIES", "demo_paths", "make_demo_dataset"]
 
 DEMO_CATEGORIES = CategoryMap(cat_ids=(2, 5, 9), names=("square", "disc", "ring"))
 """Demo classes: labels 0, 1, 2 are category ids 2, 5, 9."""
@@ -37,6 +37,18 @@ _VERSION = 1
 _COLORS = {2: (220, 40, 40), 5: (40, 190, 60), 9: (50, 80, 230)}  # red square, green disc, blue ring
 _MIN_OBJ, _MAX_OBJ = 16, 180
 _STAMP = ".demo_stamp.json"
+
+
+def demo_paths(root: str | Path) -> dict[str, str]:
+    """Where :func:`make_demo_dataset` writes under ``root``: ``{"train_ann_file", "train_img_dir",
+    "val_ann_file", "val_img_dir"}`` (absolute paths)."""
+    root = Path(root).absolute()
+    return {
+        "train_ann_file": str(root / "annotations" / "instances_train.json"),
+        "train_img_dir": str(root / "train"),
+        "val_ann_file": str(root / "annotations" / "instances_val.json"),
+        "val_img_dir": str(root / "val"),
+    }
 
 
 def make_demo_dataset(
@@ -58,12 +70,7 @@ def make_demo_dataset(
         raise ValueError("make_demo_dataset needs at least 2 images per split")
     if min(h, w) < _MAX_OBJ + 8:
         raise ValueError(f"image_size {image_size} too small for {_MAX_OBJ}px objects")
-    paths = {
-        "train_ann_file": str(root / "annotations" / "instances_train.json"),
-        "train_img_dir": str(root / "train"),
-        "val_ann_file": str(root / "annotations" / "instances_val.json"),
-        "val_img_dir": str(root / "val"),
-    }
+    paths = demo_paths(root)
     params = {
         "version": _VERSION,
         "num_train": num_train,

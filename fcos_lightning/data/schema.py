@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_IDS", "CocoTables", "Issue", "as_int", "check_coco", "issue"]
+__all__ = ["MAX_IDS", "CocoTables", "Issue", "as_int", "check_coco", "is_crowd", "issue"]
 
 MAX_IDS = 1000  # ids (and details) kept per issue; the count is always exact
 SHOWN_IDS = 10  # ids shown per issue in text
@@ -118,6 +118,21 @@ def as_int(value: Any) -> int | None:
     return None
 
 
+def is_crowd(value: Any) -> bool | None:
+    """COCO's ``iscrowd`` as meant: 0/1 numbers, booleans, or those written as strings (``"0"`` is not crowd);
+    absent (None) is 0; anything else None (malformed)."""
+    if value is None:
+        return False
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool | int | float) and value in (0, 1):
+        return bool(value)
+    return None
+
+
 def check_coco(data: Any) -> CocoTables:
     """The schema's issues and the entries of a parsed COCO-format file that pass it."""
     tables = CocoTables()
@@ -165,7 +180,12 @@ def _images(entries: list, tables: CocoTables) -> None:
         w = as_int(im.get("width")) if isinstance(im, dict) else None
         h = as_int(im.get("height")) if isinstance(im, dict) else None
         if iid is None or w is None or h is None or not isinstance(im.get("file_name"), str):
-            malformed.append(f"image entry #{i} (id={im.get('id') if isinstance(im, dict) else None})")
+            if not isinstance(im, dict):
+                malformed.append(f"image entry #{i}: {im!r} is not an object")
+                continue
+            bad = [f"{k} {im.get(k)!r}" for k, v in (("id", iid), ("width", w), ("height", h)) if v is None]
+            bad += [] if isinstance(im.get("file_name"), str) else [f"file_name {im.get('file_name')!r}"]
+            malformed.append(f"image entry #{i} (id={im.get('id')!r}): {', '.join(bad)}")
             continue
         if iid in seen:
             duplicates.append(iid)
@@ -182,7 +202,7 @@ def _images(entries: list, tables: CocoTables) -> None:
     tables.heights = np.asarray(heights, dtype=np.int64)
     tables.file_names = names
     if malformed:
-        tables.add("error", "malformed_image", "image entries without integer id/width/height and a file_name",
+        tables.add("error", "malformed_image", "image entries need integer id/width/height and a file_name",
                    details=malformed)  # fmt: skip
     if bad_size:
         tables.add("error", "image_size_invalid", "images with zero or negative width/height in the json",
@@ -201,10 +221,12 @@ def _annotation_columns(anns: list) -> tuple[list[int], list[int], list[int], np
     try:  # fast path: a well-formed file (one pass per column, no per-entry Python checks)
         cols = [[a[k] for a in anns] for k in ("id", "image_id", "category_id")]
         bboxes = [a["bbox"] for a in anns]
-        if all(set(map(type, col)) <= {int} for col in cols) and set(map(type, bboxes)) <= {list}:
+        crowd = [a.get("iscrowd", 0) for a in anns]
+        plain = set(map(type, crowd)) <= {int} and set(crowd) <= {0, 1}
+        if plain and all(set(map(type, col)) <= {int} for col in cols) and set(map(type, bboxes)) <= {list}:
             xywh = np.asarray(bboxes, dtype=np.float64).reshape(len(anns), -1)
             if xywh.shape == (len(anns), 4):
-                return *cols, xywh, [bool(a.get("iscrowd", 0)) for a in anns], []
+                return *cols, xywh, [c == 1 for c in crowd], []
     except (KeyError, TypeError, ValueError):
         pass
     ids, image_ids, category_ids, boxes, crowd, malformed = [], [], [], [], [], []
@@ -225,11 +247,15 @@ def _annotation_columns(anns: list) -> tuple[list[int], list[int], list[int], np
         except (TypeError, ValueError):
             malformed.append(f"annotation #{i} (id={aid}): bbox {bbox!r} is not 4 numbers")
             continue
+        crowd_flag = is_crowd(a.get("iscrowd"))
+        if crowd_flag is None:
+            malformed.append(f"annotation #{i} (id={aid}): iscrowd {a.get('iscrowd')!r} is not 0 or 1")
+            continue
         ids.append(aid)
         image_ids.append(iid)
         category_ids.append(cid)
         boxes.append(box)
-        crowd.append(bool(a.get("iscrowd", 0)))
+        crowd.append(crowd_flag)
     return ids, image_ids, category_ids, np.asarray(boxes, dtype=np.float64).reshape(-1, 4), crowd, malformed
 
 
@@ -239,7 +265,7 @@ def _annotations(anns: list, tables: CocoTables) -> None:
     ann_img = np.asarray(image_ids, dtype=np.int64)
     ann_cat = np.asarray(category_ids, dtype=np.int64)
     if malformed:
-        message = "annotations without integer id/image_id/category_id and a 4-number bbox"
+        message = "malformed annotations (need integer id/image_id/category_id, a 4-number bbox, iscrowd 0/1)"
         tables.add("error", "malformed_annotation", message, details=malformed)
     uniq, counts = np.unique(ann_ids, return_counts=True)
     if (counts > 1).any():
@@ -258,7 +284,8 @@ def _annotations(anns: list, tables: CocoTables) -> None:
         details = [
             f"annotation id {ann_ids[i]} (image id {ann_img[i]}) has category_id {ann_cat[i]}" for i in bad[:MAX_IDS]
         ]
-        message = f"annotations whose category_id is not in 'categories' {cat_ids}"
+        unknown = sorted(set(ann_cat[bad].tolist()))
+        message = f"annotations with category_id {unknown[:SHOWN_IDS]}, not in 'categories' {cat_ids}"
         tables.add("error", "unknown_category_id", message, ann_ids[bad], "annotation", details=details)
     keep = known_image & known_category
     tables.ann_ids, tables.ann_image_ids, tables.ann_category_ids = ann_ids[keep], ann_img[keep], ann_cat[keep]

@@ -15,7 +15,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2 import query_size
 
-__all__ = ["ResizeShortestEdge", "build_test_transforms", "build_train_transforms", "get_labels"]
+__all__ = ["ResizeShortestEdge", "build_test_transforms", "build_train_transforms", "get_labels", "too_thin"]
 
 
 class ResizeShortestEdge(v2.Transform):
@@ -71,6 +71,13 @@ class ResizeShortestEdge(v2.Transform):
 
     def extra_repr(self) -> str:
         return f"min_sizes={self.min_sizes}, max_size={self.max_size}, sample={self.sample}"
+
+
+def too_thin(heights: Sequence[int], widths: Sequence[int], short_edge: int, max_size: int) -> list[int]:
+    """Indices of the ``(h, w)`` sizes whose resized side rounds to 0 px (e.g. 4000 x 1 with the long side capped
+    at 1333): such an image cannot be resized, let alone detected in."""
+    resized = {hw: ResizeShortestEdge.get_output_shape(*hw, short_edge, max_size) for hw in set(zip(heights, widths))}
+    return [i for i, hw in enumerate(zip(heights, widths)) if min(resized[hw]) < 1]
 
 
 def get_labels(sample: dict[str, Any]) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,8 +28,9 @@ import torch
 
 from fcos_lightning.files import write_json_atomic
 
-from .decode import BadImageError, decode_image_file, exif_orientation, transposes
+from .decode import BadImageError, decode_image_file, exif_orientation, size_mismatch_message, transposes
 from .schema import MAX_IDS, CocoTables, Issue, check_coco, issue
+from .transforms import too_thin
 
 __all__ = [
     "IMAGE_CHECKS",
@@ -37,6 +38,8 @@ __all__ = [
     "SplitReport",
     "ValidationReport",
     "check_image_file",
+    "check_image_files",
+    "no_batch_reason",
     "validate_split",
 ]
 
@@ -145,6 +148,31 @@ class ValidationReport:
         write_json_atomic(path, self.to_dict(), indent=2)
 
 
+def no_batch_reason(
+    ann_file: str, num_images: int, num_usable: int, filter_empty: bool, batch_size: int, num_replicas: int = 1
+) -> str | None:
+    """Why a training split of ``num_images`` images, ``num_usable`` of them trainable (with a box, or any when
+    not ``filter_empty``), yields no full batch of ``batch_size`` per process, and what to do; None if it does.
+    Partial batches are dropped, so a run would otherwise end after 0 steps as if it had succeeded."""
+    if num_images == 0:
+        return f"{ann_file}: lists no images: nothing to train on"
+    if num_usable == 0:
+        return (
+            f"{ann_file}: none of its {num_images} images has a box to train on (images without boxes are removed); "
+            "add annotations, or set data.filter_empty=false to train on them as negatives"
+        )
+    per_process = -(-num_usable // num_replicas)
+    if per_process >= batch_size:
+        return None
+    images = f"{num_usable} usable training images" + (f" ({per_process} per process)" if num_replicas > 1 else "")
+    fix = f"set data.batch_size={per_process} or smaller"
+    if filter_empty and num_images > num_usable:
+        fix += f", or data.filter_empty=false to keep the {num_images - num_usable} images without boxes"
+    return (
+        f"{ann_file}: {images} make no full batch of data.batch_size={batch_size} (partial batches are dropped); {fix}"
+    )
+
+
 def check_image_file(path: str, image_id: int, expected_hw: tuple[int, int], mode: str) -> str | None:
     """None if the file is usable, else why not. ``mode``: ``decode`` (full decode, as training does) or
     ``header`` (size from the header, EXIF orientation applied; fast, misses truncated files)."""
@@ -167,7 +195,7 @@ def check_image_file(path: str, image_id: int, expected_hw: tuple[int, int], mod
         if transposes(exif_orientation(path)):
             hw = hw[::-1]
     if hw != tuple(expected_hw):
-        return f"size (h, w) {hw} (EXIF orientation applied) but the json says {tuple(expected_hw)}"
+        return size_mismatch_message(path, image_id, hw, tuple(expected_hw))
     return None
 
 
@@ -183,9 +211,11 @@ def validate_split(
     coverage: Coverage | None = None,
     image_check: str = "decode",
     num_workers: int = 0,
+    resize: tuple[int, int] | None = None,
 ) -> SplitReport:
     """Validate one COCO-format split; see the module docstring for what is an error and what a warning.
-    ``coverage``: the model's view of the boxes (levels, unassignable boxes); None skips it."""
+    ``coverage``: the model's view of the boxes (levels, unassignable boxes); None skips it. ``resize``:
+    ``(short side, long side cap)`` the split is resized with, to find images too thin to resize."""
     if image_check not in IMAGE_CHECKS:
         raise ValueError(f"image_check must be one of {list(IMAGE_CHECKS)}, got {image_check!r}")
     ann_file, img_dir = os.fspath(ann_file), os.fspath(img_dir)
@@ -215,7 +245,19 @@ def validate_split(
         for i, name, w, h in zip(tables.image_ids, tables.file_names, tables.widths, tables.heights)
     }
     if image_check != "none" and os.path.isdir(img_dir):
-        _check_files(images, img_dir, image_check, num_workers, rep)
+        rep.issues.extend(check_image_files(images, img_dir, image_check, num_workers))
+    if resize is not None:
+        ids = list(images)
+        thin = too_thin([images[i]["height"] for i in ids], [images[i]["width"] for i in ids], *resize)
+        if thin:
+            details = [f"image id {ids[k]}: {images[ids[k]]['width']}x{images[ids[k]]['height']}" for k in thin]
+            message = (
+                f"images too thin to resize: a side rounds to 0 px at short side {resize[0]}, long side <= {resize[1]}"
+            )
+            rep.add("error", "image_too_thin", message, [ids[k] for k in thin], "image", details=details)
+            for k in thin:
+                del images[ids[k]]
+                boxes_by_image.pop(ids[k], None)
     if coverage is not None:
         sizes = {i: (im["height"], im["width"]) for i, im in images.items()}
         _add_coverage(coverage(sizes, boxes_by_image), rep)
@@ -298,14 +340,22 @@ def _add_coverage(found: CoverageReport, rep: SplitReport) -> None:
         )
 
 
-def _check_files(images: dict[int, dict], img_dir: str, mode: str, num_workers: int, rep: SplitReport) -> None:
+def check_image_files(
+    images: Mapping[int, Mapping[str, Any]], img_dir: str, mode: str, num_workers: int = 0
+) -> list[Issue]:
+    """Errors for the images (``{id: {"file_name", "width", "height"}}``) whose file is missing, cannot be read
+    (``mode`` as :func:`check_image_file`) or has another size than the json says; ``num_workers`` processes
+    (decode) or threads (header)."""
     jobs = [
-        (os.path.join(img_dir, im["file_name"]), iid, (im["height"], im["width"]), mode)
-        for iid, im in images.items()
+        (os.path.join(img_dir, im["file_name"]), iid, (im["height"], im["width"]), mode) for iid, im in images.items()
     ]
     if num_workers > 0 and len(jobs) > 64:
-        with ProcessPoolExecutor(num_workers) as pool:
-            results = list(pool.map(_check_image_job, jobs, chunksize=64))
+        if mode == "header":  # file reads: threads suffice (and must not touch torch's thread count)
+            with ThreadPoolExecutor(num_workers) as pool:
+                results = list(pool.map(lambda job: check_image_file(*job), jobs))
+        else:
+            with ProcessPoolExecutor(num_workers) as pool:
+                results = list(pool.map(_check_image_job, jobs, chunksize=64))
     else:
         results = [check_image_file(*job) for job in jobs]
     found: dict[str, tuple[list[int], list[str]]] = {"missing": ([], []), "unreadable": ([], []), "size": ([], [])}
@@ -314,13 +364,14 @@ def _check_files(images: dict[int, dict], img_dir: str, mode: str, num_workers: 
             continue
         kind = result.split(":")[0] if result.startswith(("missing", "unreadable")) else "size"
         found[kind][0].append(iid)
-        found[kind][1].append(f"image {iid}: {path}: {result}")
+        found[kind][1].append(result if kind == "size" else f"image id {iid}: {path}: {result}")
     titles = {
         "missing": ("image_file_missing", "image files that do not exist"),
         "unreadable": ("image_file_unreadable", "image files that cannot be decoded (corrupt or truncated)"),
         "size": ("image_size_mismatch", "images whose decoded size differs from the json's width/height"),
     }
-    for kind, (ids, details) in found.items():
-        if ids:
-            code, msg = titles[kind]
-            rep.add("error", code, msg, ids, "image", details=details[:MAX_IDS])
+    return [
+        issue("error", titles[kind][0], titles[kind][1], ids, "image", details=details[:MAX_IDS])
+        for kind, (ids, details) in found.items()
+        if ids
+    ]

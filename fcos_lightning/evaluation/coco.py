@@ -71,6 +71,13 @@ def evaluate_coco(
     if not image_ids:
         log.warning("COCO evaluation: no images were evaluated")
         return metrics
+    gt = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=list(image_ids)))
+    if not any(not a.get("iscrowd") for a in gt):
+        log.warning(
+            "COCO evaluation: the %d evaluated images have no annotation that is not crowd: AP is undefined "
+            "(reported as 0); add non-crowd boxes to the val set",
+            len(image_ids),
+        )
     if not results:
         log.warning("COCO evaluation: the model made no detections on %d images; AP is 0", len(image_ids))
         return metrics

@@ -1,6 +1,7 @@
 """Training callbacks that keep a run recoverable and its failures visible.
 
-- :class:`SaveOnSigterm` saves ``last.ckpt`` when a plain SIGTERM (cluster preemption) stops the run.
+- :class:`SaveLast` saves ``last.ckpt`` at the end of training (the steps after the last validation are not
+  lost) and when a plain SIGTERM (cluster preemption) stops the run.
 - :class:`RNGStateCheckpoint` stores the torch/numpy/python RNG states, so a resumed run draws the same
   augmentations as an uninterrupted one.
 - :class:`SkippedImageCounter` counts the images skipped under ``data.on_bad_image=skip``.
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import random
+import signal
 from collections import Counter
 from typing import Any
 
@@ -23,7 +25,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger("fcos_lightning")
 
-__all__ = ["RNGStateCheckpoint", "SaveOnSigterm", "SkippedImageCounter"]
+__all__ = ["RNGStateCheckpoint", "SaveLast", "SkippedImageCounter"]
 
 
 class SkippedImageCounter(pl.Callback):
@@ -84,8 +86,10 @@ class SkippedImageCounter(pl.Callback):
         self.counts = Counter({int(k): int(v) for k, v in state_dict["counts"].items()})
 
 
-class SaveOnSigterm(pl.Callback):
-    """On a plain SIGTERM (Lightning stops after the current batch), save ``last.ckpt`` before exiting.
+class SaveLast(pl.Callback):
+    """Saves ``last.ckpt`` when training ends, so it holds the final step (``ModelCheckpoint`` saves only at
+    validations: with 14 steps and validation every 10 it would hold step 10), and on a plain SIGTERM
+    (Lightning stops after the current batch) before the run exits.
 
     ``dirpath``: where to write it; default: the ``ModelCheckpoint``'s directory, else
     ``<default_root_dir>/checkpoints``. Resume with ``ckpt_path=last`` (or ``auto``).
@@ -95,15 +99,20 @@ class SaveOnSigterm(pl.Callback):
         self.dirpath = dirpath
         self.filename = filename
 
+    def path(self, trainer: pl.Trainer) -> str:
+        dirpath = self.dirpath or getattr(trainer.checkpoint_callback, "dirpath", None)
+        return os.path.join(dirpath or os.path.join(trainer.default_root_dir, "checkpoints"), self.filename)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(self.path(trainer))
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        ckpt_cb = trainer.checkpoint_callback
-        dirpath = self.dirpath or getattr(ckpt_cb, "dirpath", None)
-        dirpath = dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
-        path = os.path.join(dirpath, self.filename)
+        path = self.path(trainer)
         trainer.save_checkpoint(path)
         log.warning("SIGTERM: saved %s at step %d; resume with ckpt_path=last", path, trainer.global_step)
+        exception.code = 128 + signal.SIGTERM  # Lightning's SystemExit() would exit 0, as if training had ended
 
 
 class RNGStateCheckpoint(pl.Callback):

@@ -8,6 +8,7 @@ refuses to save a model with a NaN/Inf tensor, so ``last.ckpt`` and ``best-*`` s
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,19 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from fcos_lightning.files import UnsafeCheckpointError, safe_load
 
-__all__ = ["AtomicCheckpointIO", "NonFiniteModelError", "first_nonfinite"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointWriteError",
+    "NonFiniteModelError",
+    "first_nonfinite",
+    "remove_stale_temp_files",
+]
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (no space left, file-size limit); the previous file is intact."""
 
 
 class NonFiniteModelError(RuntimeError):
@@ -54,6 +67,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as RuntimeError
+            kept = "the previous checkpoint is kept" if os.path.exists(path) else "nothing was written"
+            raise CheckpointWriteError(
+                f"could not write checkpoint {path} (disk full or over a file-size limit?); {kept}: {e}"
+            ) from e
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -63,6 +81,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if weights_only is False:
             raise UnsafeCheckpointError(f"refusing weights_only=False for {path}: unpickling can run code")
         return safe_load(path, map_location=map_location)
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
+    """Delete the ``*.tmp<pid>`` files a process killed while saving left in ``directory`` (those of a running
+    process are kept: it may be saving now); returns their paths."""
+    removed = []
+    for tmp in sorted(Path(directory).glob("*.tmp*")) if os.path.isdir(directory) else []:
+        pid = tmp.suffix.removeprefix(".tmp")
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(str(tmp))
+            log.warning("removed %s, left by a process killed while saving a checkpoint", tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(directory: str) -> None:

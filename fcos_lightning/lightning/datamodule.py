@@ -16,7 +16,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from fcos_lightning.data.coco import ON_BAD_IMAGE, CategoryMap, CocoDetection, OnBadImage
 from fcos_lightning.data.collate import Collator
 from fcos_lightning.data.samplers import AspectRatioGroupedBatchSampler, InferenceSampler, dist_info
-from fcos_lightning.data.transforms import build_test_transforms, build_train_transforms
+from fcos_lightning.data.transforms import build_test_transforms, build_train_transforms, too_thin
+from fcos_lightning.data.validate import no_batch_reason
 
 __all__ = ["COCODataModule"]
 
@@ -106,6 +107,8 @@ class COCODataModule(pl.LightningDataModule):
                 filter_empty=self.filter_empty,
                 on_bad_image=self.on_bad_image,
             )
+            short = min(self.train_min_sizes)
+            _check_resizable(self.train_dataset, short, self.train_max_size, "train_min_sizes", "train_max_size")
         if self.val_dataset is None:
             val = CocoDetection(
                 self.val_ann_file,
@@ -119,6 +122,7 @@ class COCODataModule(pl.LightningDataModule):
                     f"{self.val_ann_file} {val.category_map.to_dict()}"
                 )
             self.val_dataset = val
+            _check_resizable(val, self.test_min_size, self.test_max_size, "test_min_size", "test_max_size")
 
     def _loader_kwargs(self) -> dict:
         workers = self.num_workers > 0
@@ -135,6 +139,10 @@ class COCODataModule(pl.LightningDataModule):
             self.setup("fit")
         ds = self.train_dataset
         num_replicas, rank = dist_info()
+        total = len(ds) + ds.num_removed_images
+        reason = no_batch_reason(self.train_ann_file, total, len(ds), self.filter_empty, self.batch_size, num_replicas)
+        if reason:
+            raise ValueError(reason)
         if self.aspect_ratio_grouping:
             batch_sampler = AspectRatioGroupedBatchSampler(
                 ds.aspect_ratios,
@@ -162,4 +170,18 @@ class COCODataModule(pl.LightningDataModule):
             shuffle=False,
             drop_last=False,
             **self._loader_kwargs(),
+        )
+
+
+def _check_resizable(ds: CocoDetection, short_edge: int, max_size: int, short_key: str, max_key: str) -> None:
+    """ValueError naming the images whose resized side would round to 0 px (:func:`too_thin`)."""
+    infos = [ds.img_info(i) for i in range(len(ds))]
+    bad = [
+        infos[i] for i in too_thin([im["height"] for im in infos], [im["width"] for im in infos], short_edge, max_size)
+    ]
+    if bad:
+        shown = ", ".join(f"image id {im['id']} ({im['width']}x{im['height']})" for im in bad[:5])
+        raise ValueError(
+            f"{ds.ann_file}: {len(bad)} images too thin to resize: a side rounds to 0 px at data.datamodule."
+            f"{short_key}={short_edge}, {max_key}={max_size}: {shown}; remove them"
         )

@@ -37,6 +37,7 @@ from fcos_lightning.lightning.nonfinite import (
 from fcos_lightning.lightning.optim import WarmupMultiStep
 from fcos_lightning.lightning.syncbn import apply_sync_batchnorm, should_sync_batchnorm
 from fcos_lightning.modeling.detector import FCOS
+from fcos_lightning.runtime.own_padding import detect_own_padded
 
 log = logging.getLogger(__name__)
 
@@ -172,13 +173,22 @@ class FCOSLitModule(pl.LightningModule):
             self.evaluator.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        outputs = self(batch["images"], batch["image_sizes"])
-        losses = self.compute_loss(outputs, batch["targets"])
-        bs = batch["images"].shape[0]
+        """Each image is seen padded to its own stride multiple only (:func:`detect_own_padded`), so detections
+        and AP do not depend on the batch size or the number of processes; the losses are the sub-batches'
+        losses weighted by their number of images."""
+        images, sizes = batch["images"], batch["image_sizes"]
+        detections, groups = detect_own_padded(
+            self, self.decoder, images, sizes, self.model.size_divisibility, batch["orig_sizes"]
+        )
+        bs = images.shape[0]
+        losses: dict[str, Tensor] = {}
+        for index, outputs in groups:
+            group = self.compute_loss(outputs, [batch["targets"][i] for i in index.tolist()])
+            for k, v in group.items():
+                losses[k] = losses.get(k, 0) + v * (len(index) / bs)
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=bs, sync_dist=True)
         if self.evaluator is None:
             return
-        detections = self.decoder(outputs, batch["image_sizes"], batch["orig_sizes"])
         self.evaluator.update(detections, batch["image_ids"])
         if self.global_rank == 0 and len(self._vis) < self.num_vis_images:
             self._keep_for_visualization(batch, detections)
@@ -261,8 +271,16 @@ class FCOSLitModule(pl.LightningModule):
         checkpoint.update(self.checkpoint_header())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resuming a checkpoint of an ``ema=true`` run without EMA: continue from its trained weights, not the
+        """Refuses a resume on data with other category ids (it would silently train label k as another class);
+        resuming a checkpoint of an ``ema=true`` run without EMA continues from its trained weights, not the
         averaged ones its ``state_dict`` holds (:mod:`fcos_lightning.lightning.ema`)."""
+        saved = checkpoint.get("classes") or checkpoint.get("category_map")  # format 1, format 0
+        if saved is not None and CategoryMap.from_dict(saved) != self.category_map:
+            raise ValueError(
+                f"{self.trainer.ckpt_path}: trained on category ids {list(saved['cat_ids'])} {list(saved['names'])}, "
+                f"but the data has {list(self.category_map.cat_ids)} {list(self.category_map.names)}; resume on the "
+                "same categories, or fine-tune with init_from= instead of ckpt_path="
+            )
         averaging = any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks)
         if "current_model_state" in checkpoint and not averaging:
             log.warning("resuming the trained weights of an EMA checkpoint without EMA (ema=false): the average ends")

@@ -1,8 +1,8 @@
 """The Predictor: uint8 images in, detections out.
 
-:class:`Predictor` pads a batch, normalizes it on the model's device, runs the network under the precision's
-autocast (bf16 on CPUs with native bf16 and on GPUs, by ``precision=auto``) and post-processes the whole batch
-at once.
+:class:`Predictor` pads a batch on the model's device and runs the network under the precision's autocast (bf16
+on CPUs with native bf16 and on GPUs, by ``precision=auto``), each image padded to its own stride multiple only
+(:func:`~fcos_lightning.runtime.own_padding.detect_own_padded`), so its detections do not depend on the batch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.runtime.optimize import autocast, autocast_dtype
+from fcos_lightning.runtime.own_padding import detect_own_padded
 from fcos_lightning.runtime.precision import resolve_precision
 
 
@@ -72,6 +73,12 @@ class Predictor:
             batch = images.to(self.device, non_blocking=True)
         else:
             batch, image_sizes = self.pad(images)
+        detections, _ = detect_own_padded(
+            self.forward, self.decoder, batch, image_sizes, self.model.size_divisibility, orig_sizes
+        )
+        return detections
+
+    def forward(self, batch: Tensor, image_sizes: Tensor):
+        """The network's raw outputs for a padded batch: the one place the network runs."""
         with autocast(self.precision, self.device):
-            outputs = self.network(batch, image_sizes)
-        return self.decoder(outputs, image_sizes, orig_sizes)
+            return self.network(batch, image_sizes)

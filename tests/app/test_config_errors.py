@@ -30,6 +30,11 @@ def demo_cfg(compose_cfg, tmp_path):
         ("data.on_bad_image=sometimes", r"data\.datamodule\.on_bad_image: expected .*'error', 'skip'.*'sometimes'"),
         ("module.on_nonfinite_loss=ignore", r"module\.on_nonfinite_loss: expected .*'stop', 'skip'"),
         ("module.box_quality=centerness", r"module\.box_quality: expected .*'ctrness', 'iou'.*'centerness'"),
+        ("schedule.base_lr=abc", r"schedule\.base_lr: expected a number, got 'abc'"),
+        ("schedule.max_iter=ten", r"schedule\.max_iter: expected a positive number, got 'ten'"),
+        ("schedule.milestones=[100,x]", r"schedule\.milestones\[1\]: expected a number, got 'x'"),
+        ("+trainer.max_steps=3", r"trainer\.max_steps=3 would be ignored: train\.py sets it from schedule\.max_iter"),
+        ("trainer.devices=abc", r"trainer\.devices: expected a count, a list of device ids or 'auto', got 'abc'"),
     ],
 )
 def test_bad_keys_and_values_fail_at_start_naming_the_key(demo_cfg, tmp_path, override, pattern):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
@@ -51,7 +52,10 @@ def ddp_run(tiny_overrides, tiny_demo, tmp_path_factory) -> Path:
     probe_dir = cwd.parent / (cwd.name + "_probe")
     probe = f"+callbacks.probe={{_target_:tests.app.conftest.RankMetricsProbe,dir:'{probe_dir}'}}"
     run_script(
-        "train.py", [*tiny_overrides, f"data.root={tiny_demo}", "data.generate_demo=false", *DDP, *schedule, probe], cwd
+        "train.py",
+        [*tiny_overrides, f"data.root={tiny_demo}", "data.generate_demo=false", *DDP, *schedule, probe],
+        cwd,
+        timeout=480,  # 24 steps on 2 processes: past 240 s when other jobs share the 2 cores
     )
     return cwd
 
@@ -75,30 +79,57 @@ def test_ddp_training_writes_one_run_dir(ddp_run):
     assert "global batch 8 | lr 0.04 " in log, log
 
 
-def test_evaluate_on_two_processes_matches_one(ddp_run, tiny_demo, tmp_path):
+@pytest.fixture(scope="module")
+def varied_sizes(tiny_demo, tmp_path_factory) -> Path:
+    """11 of the tiny demo's training images cropped to different sizes (landscape and portrait), boxes
+    clipped: an odd number of images of many padded sizes, for evaluations that must not depend on batching."""
+    root = tmp_path_factory.mktemp("varied")
+    data = json.loads((tiny_demo / "annotations" / "instances_train.json").read_text())
+    images, annotations = [], []
+    for k, im in enumerate(data["images"][:11]):
+        w, h = im["width"] - 13 * (k % 4), im["height"] - 37 * (k % 3)
+        Image.open(tiny_demo / "train" / im["file_name"]).convert("RGB").crop((0, 0, w, h)).save(
+            root / f"{im['id']}.png"
+        )
+        images.append({**im, "file_name": f"{im['id']}.png", "width": w, "height": h})
+        for ann in data["annotations"]:
+            x, y, bw, bh = ann["bbox"]
+            bw, bh = min(x + bw, w) - x, min(y + bh, h) - y
+            if ann["image_id"] == im["id"] and min(bw, bh) >= 4:
+                annotations.append({**ann, "bbox": [x, y, bw, bh], "area": bw * bh})
+    (root / "val.json").write_text(json.dumps({**data, "images": images, "annotations": annotations}))
+    return root
+
+
+def test_evaluation_does_not_depend_on_batch_or_processes(ddp_run, varied_sizes, tmp_path):
+    """Batch 1, batch 8 and 2 processes at batch 8 find identical detections and AP on images of different
+    sizes; the image the 2-process sampler repeats to even the shards is scored once."""
     (run,) = (ddp_run / "outputs" / "train").iterdir()
     common = [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.precision=32-true", "num_pictures=0"]
-    # batch 1: every image sees the same padding however the split falls (eval batch size is not under test)
-    common += ["data.val_batch_size=1", "trainer.enable_progress_bar=false"]
+    common += [f"data.val.ann_file={varied_sizes / 'val.json'}", f"data.val.img_dir={varied_sizes}"]
+    common += ["trainer.enable_progress_bar=false"]
+    one = ["trainer.accelerator=cpu", "trainer.devices=1"]
     out = {}
-    for n, extra in ((1, ["trainer.accelerator=cpu", "trainer.devices=1"]), (2, DDP)):
-        out[n] = tmp_path / f"eval{n}"
-        run_script("evaluate.py", [*common, *extra, f"hydra.run.dir={out[n]}"], tmp_path)
-    m1, m2 = (json.loads((out[n] / "metrics.json").read_text()) for n in (1, 2))
-    print(f"AP 1 process {m1['AP']:.6f}, 2 processes {m2['AP']:.6f}")
-    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
-        assert m2[key] == pytest.approx(m1[key], abs=1e-4), key
-    assert m1["num_images"] == m2["num_images"] == 5  # 5 images on 2 ranks: the sampler padded one
-    d1, d2 = (json.loads((out[n] / "detections.json").read_text()) for n in (1, 2))
-    assert d1 and m1["AP"] > 0, "nothing to compare"
-
-    def key(d):
-        return (d["image_id"], d["category_id"], d["score"], *d["bbox"])
-
-    assert sorted(map(key, d2)) == sorted(map(key, d1))  # the padded image's detections are not doubled
-    assert {d["image_id"] for d in d2} <= {
-        im["id"] for im in json.loads((tiny_demo / "annotations" / "instances_val.json").read_text())["images"]
-    }
+    for name, extra in (("b1", [*one, "data.val_batch_size=1"]), ("b8", [*one, "data.val_batch_size=8"])):
+        out[name] = tmp_path / name
+        run_script("evaluate.py", [*common, *extra, f"hydra.run.dir={out[name]}"], tmp_path)
+    out["ddp"] = tmp_path / "ddp"
+    run_script("evaluate.py", [*common, *DDP, "data.val_batch_size=8", f"hydra.run.dir={out['ddp']}"], tmp_path)
+    metrics = {n: json.loads((d / "metrics.json").read_text()) for n, d in out.items()}
+    detections = {n: json.loads((d / "detections.json").read_text()) for n, d in out.items()}
+    print({n: round(m["AP"], 6) for n, m in metrics.items()}, {n: len(d) for n, d in detections.items()})
+    assert metrics["b1"]["AP"] > 0 and len(detections["b1"]) > 50, "nothing to compare"
+    for name in ("b8", "ddp"):
+        assert metrics[name]["num_images"] == 11  # the repeated image is not counted twice
+        for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+            assert metrics[name][key] == pytest.approx(metrics["b1"][key], abs=1e-4), (name, key)
+        assert len(detections[name]) == len(detections["b1"])  # nor are its detections doubled
+        ref = sorted(detections["b1"], key=lambda d: (d["image_id"], -d["score"], d["category_id"], *d["bbox"]))
+        got = sorted(detections[name], key=lambda d: (d["image_id"], -d["score"], d["category_id"], *d["bbox"]))
+        for a, b in zip(ref, got, strict=True):
+            assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"]), name
+            assert b["score"] == pytest.approx(a["score"], abs=1e-4)
+            assert b["bbox"] == pytest.approx(a["bbox"], abs=1e-2)
 
 
 def test_multirun_over_head_norms_with_ddp(tiny_overrides, tiny_demo, tmp_path):

@@ -129,6 +129,15 @@ def test_resume_continues_at_same_step_and_lr(tiny_demo, tiny_cfg, tmp_path):
     assert final["global_step"] == 12
 
 
+def test_last_checkpoint_holds_the_final_step(tiny_demo, tiny_cfg, tmp_path):
+    """The steps after the last validation are checkpointed too: 6 steps, validation every 4."""
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_demo, run, "schedule.max_iter=6", "schedule.val_interval=4", "schedule.warmup_iters=2"))
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 6
+    assert json.loads((run / "metrics.json").read_text())["step"] == 6
+
+
 def test_missing_annotation_file_fails_at_start_naming_it(tiny_demo, tiny_cfg, tmp_path):
     missing = tmp_path / "nope" / "instances_train.json"
     with pytest.raises(FileNotFoundError, match="instances_train.json"):
@@ -143,3 +152,21 @@ def test_unknown_category_fails_naming_the_annotation(tiny_demo, tiny_cfg, tmp_p
     path.write_text(json.dumps(ann))
     with pytest.raises(ValueError, match=rf"annotation id {bad['id']}\b.*77|77.*annotation id {bad['id']}\b"):
         train(tiny_cfg(tiny_demo, tmp_path / "run", f"data.train.ann_file={path}"))
+
+
+def test_demo_recipe_trains_on_ones_own_data_paths(tiny_demo, compose_cfg, tiny_overrides, tmp_path):
+    """``experiment=demo`` with data.train.*/data.val.* pointing at one's own files: the demo is not generated
+    (it used to be, then refused as not where the config expects) and the run trains on those files."""
+    own = [
+        f"data.train.ann_file={tiny_demo / 'annotations' / 'instances_train.json'}",
+        f"data.train.img_dir={tiny_demo / 'train'}",
+        f"data.val.ann_file={tiny_demo / 'annotations' / 'instances_val.json'}",
+        f"data.val.img_dir={tiny_demo / 'val'}",
+    ]
+    short = ["schedule.max_iter=2", "schedule.val_interval=2", "schedule.warmup_iters=1", "schedule.milestones=[1]"]
+    root = tmp_path / "demo_root"
+    cfg = compose_cfg("train", [*tiny_overrides, f"data.root={root}", *own, *short], tmp_path / "run")
+    assert cfg.data.generate_demo
+    train(cfg)
+    assert not root.exists()
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

@@ -102,3 +102,18 @@ def test_folder_of_mixed_images(tmp_path, tiny_ckpt, run_predict):
         lookup = {2: "square", 5: "disc", 9: "ring"}
         assert [lookup[c] for c in record["category_ids"]] == record["class_names"]
         assert record["scores"] == sorted(record["scores"], reverse=True)
+
+
+def test_bad_images_are_reported_and_the_good_ones_written(tmp_path, tiny_ckpt, run_predict):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (100, 120, 3), dtype=np.uint8)).save(folder / "a_good.png")
+    (folder / "b_corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    Image.fromarray(rng.integers(0, 255, (1, 4000, 3), dtype=np.uint8)).save(folder / "c_thin.png")
+    Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(folder / "d_good.jpg")
+    pattern = r"2 of 4 images could not be processed: .*b_corrupt\.jpg.*; .*c_thin\.png: a 4000x1 image is too thin"
+    with pytest.raises(ValueError, match=pattern):
+        run_predict(tiny_ckpt, folder)
+    out = tmp_path / "pred"
+    assert sorted(p.name for p in out.glob("*.json")) == ["a_good.png.json", "d_good.jpg.json"]

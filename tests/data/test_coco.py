@@ -130,9 +130,7 @@ def test_transforms_are_applied_to_the_sample(small_coco):
 
 
 # ---------------------------------------------------------------- decoding
-@pytest.mark.parametrize(
-    ("image_id", "size"), [(33, (32, 32)), (44, (24, 36)), (55, (30, 30)), (22, (60, 40))]
-)
+@pytest.mark.parametrize(("image_id", "size"), [(33, (32, 32)), (44, (24, 36)), (55, (30, 30)), (22, (60, 40))])
 def test_gray_rgba_palette_and_jpeg_decode_to_rgb(small_coco, image_id, size):
     ds = CocoDetection(small_coco.ann_file, small_coco.img_dir, train=False)
     img = _sample(ds, image_id)["image"]
@@ -184,12 +182,44 @@ def test_corrupt_image_names_file_and_image_id(small_coco):
         _sample(ds, 22)
 
 
-def test_size_mismatch_with_json_is_an_error(small_coco):
+def test_size_mismatch_with_json_is_an_error_when_the_dataset_is_built(small_coco):
     data = copy.deepcopy(small_coco.data)
     data["images"][2]["width"] = 33  # image 33 is really 32x32
-    ds = CocoDetection(small_coco.write(data), small_coco.img_dir, train=False)
     with pytest.raises(ValueError, match=r"image id 33 .*img_33\.png.*\(32, 32\).*\(32, 33\)"):
-        _sample(ds, 33)
+        CocoDetection(small_coco.write(data), small_coco.img_dir, train=False)
+    data = copy.deepcopy(small_coco.data)
+    data["images"][0].update(width=40, height=60)  # image 11 is 40 high, 60 wide: swapped, not sampled yet
+    with pytest.raises(ValueError, match=r"image id 11 .*\(40, 60\).*\(60, 40\) \(width and height swapped"):
+        CocoDetection(small_coco.write(data), small_coco.img_dir, train=True)
+    ds = CocoDetection(small_coco.write(data), small_coco.img_dir, train=True, on_bad_image="skip")
+    with pytest.raises(ValueError, match=r"image id 11 .*img_11\.png.*\(40, 60\).*\(60, 40\)"):
+        ds.load(ds.image_ids.index(11))  # skip: logged at construction, skipped when drawn
+
+
+def test_unreadable_image_header_is_an_error_when_the_dataset_is_built(small_coco):
+    small_coco.file_of(22).write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=r"image id 22: .*img_22\.jpg: unreadable.*validation scores every image"):
+        CocoDetection(small_coco.ann_file, small_coco.img_dir, train=False)
+
+
+def test_iscrowd_is_read_as_coco_means_it(small_coco):
+    data = copy.deepcopy(small_coco.data)
+    data["annotations"][0]["iscrowd"] = "0"  # annotation 1 (image 11): not crowd
+    data["annotations"][1]["iscrowd"] = "1"  # annotation 2: crowd, as before
+    ds = CocoDetection(small_coco.write(data), small_coco.img_dir, train=False)
+    assert ds.num_crowd_boxes == 2 and len(_sample(ds, 11)["boxes"]) == 2
+    # COCOeval reads iscrowd as a truth value: the string "0" must not make annotation 1 an ignored region
+    assert [a["iscrowd"] for a in ds.coco.loadAnns([1, 2])] == [0, 1]
+    data["annotations"][0]["iscrowd"] = "no"
+    with pytest.raises(ValueError, match=r"annotation #0 \(id=1\): iscrowd 'no' is not 0 or 1"):
+        CocoDetection(small_coco.write(data), small_coco.img_dir)
+
+
+def test_fractional_image_id_is_an_error_naming_it(small_coco):
+    data = copy.deepcopy(small_coco.data)
+    data["images"][2]["id"] = 3.5
+    with pytest.raises(ValueError, match=r"image entry #2 \(id=3\.5\): id 3\.5"):
+        CocoDetection(small_coco.write(data), small_coco.img_dir)
 
 
 def test_malformed_annotation_names_its_id(small_coco):

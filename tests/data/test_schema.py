@@ -10,7 +10,7 @@ import pytest
 
 from fcos_lightning.data.coco import CocoDetection
 from fcos_lightning.data.schema import check_coco
-from fcos_lightning.data.validate import validate_split
+from fcos_lightning.data.validate import no_batch_reason, validate_split
 
 
 @pytest.mark.parametrize(
@@ -56,3 +56,23 @@ def test_fast_and_per_entry_paths_give_the_same_columns(small_coco):
     for column in ("ann_ids", "ann_image_ids", "ann_category_ids", "bboxes", "iscrowd"):
         np.testing.assert_array_equal(getattr(slow, column), getattr(fast, column), err_msg=column)
     assert fast.ann_ids.tolist() == list(range(1, 11)) and fast.iscrowd.sum() == 2
+
+
+def test_no_batch_reason_counts_per_process_and_names_the_fixes():
+    assert no_batch_reason("t.json", 10, 7, True, 4, num_replicas=2) is None  # 4 images per process
+    assert no_batch_reason("t.json", 10, 5, True, 4, num_replicas=2) == (
+        "t.json: 5 usable training images (3 per process) make no full batch of data.batch_size=4 (partial "
+        "batches are dropped); set data.batch_size=3 or smaller, or data.filter_empty=false to keep the 5 images "
+        "without boxes"
+    )
+    assert no_batch_reason("t.json", 3, 3, False, 4).endswith("set data.batch_size=3 or smaller")
+
+
+def test_unknown_category_report_names_the_unknown_ids(small_coco):
+    data = copy.deepcopy(small_coco.data)
+    data["annotations"][4]["category_id"] = 99
+    data["annotations"][6]["category_id"] = 42
+    report = validate_split("train", small_coco.write(data), small_coco.img_dir, image_check="none")
+    (issue,) = report.errors
+    assert issue.message == "annotations with category_id [42, 99], not in 'categories' [3, 7, 11]"
+    assert issue.ids == [5, 7] and "[42, 99]" in report.format()

@@ -10,14 +10,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from fcos_lightning.app.train import train
 from fcos_lightning.checkpoint import load_checkpoint
 from fcos_lightning.files import UnsafeCheckpointError, safe_load
-from fcos_lightning.lightning.checkpoint_io import AtomicCheckpointIO, NonFiniteModelError
+from fcos_lightning.lightning.callbacks import SaveLast
+from fcos_lightning.lightning.checkpoint_io import AtomicCheckpointIO, NonFiniteModelError, remove_stale_temp_files
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -158,7 +161,81 @@ def test_sigterm_saves_last_checkpoint_and_auto_resumes(tiny_demo, tiny_cfg, tin
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert "SIGTERM: saved" in out, out[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM  # a scheduler must not take it for a finished run
     step = load_checkpoint(str(run / "checkpoints" / "last.ckpt"))["global_step"]
     assert 3 <= step < 9
     train(tiny_cfg(tiny_demo, run, *RESUME, "ckpt_path=auto"))
     assert _final(run)["global_step"] == 9
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        (b'{"state_dict": {}}', "it is JSON"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "it is a JPEG image"),
+        (b"", "it is empty"),
+    ],
+)
+def test_a_file_that_is_not_a_checkpoint_is_called_so(tmp_path, content, kind):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    for load in (safe_load, load_checkpoint):
+        with pytest.raises(ValueError, match=rf"model\.ckpt: not a checkpoint: {kind}, not a torch\.save file"):
+            load(path)
+
+
+def _save_over_a_file_size_limit(path: str, checkpoint: dict, queue) -> None:
+    """Child process: save ``checkpoint`` under a 64 KB file-size limit; report what was raised."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+        queue.put("saved")
+    except Exception as e:  # noqa: BLE001 (the test checks the type and message)
+        queue.put(f"{type(e).__name__}: {e}")
+
+
+def test_a_save_over_the_file_size_limit_says_so_and_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    # 1 MB in tensors small enough that no op forks torch's thread pool (a forked child would deadlock in it)
+    big = {"state_dict": {f"w{i}": torch.zeros(4096) for i in range(64)}, "global_step": 2}
+    child = ctx.Process(target=_save_over_a_file_size_limit, args=(str(path), big, queue))
+    child.start()
+    child.join(60)
+    message = queue.get(timeout=5)
+    assert message.startswith("CheckpointWriteError: could not write checkpoint ") and "last.ckpt" in message
+    assert "(disk full or over a file-size limit?); the previous checkpoint is kept" in message
+    assert safe_load(path)["global_step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_sigterm_saves_last_and_makes_the_exit_code_non_zero(tmp_path):
+    saved = []
+    trainer = SimpleNamespace(
+        checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)), global_step=7, save_checkpoint=saved.append
+    )
+    exception = SIGTERMException()
+    SaveLast().on_exception(trainer, None, exception)
+    assert saved == [str(tmp_path / "last.ckpt")] and exception.code == 143
+    with pytest.raises(SystemExit) as raised:
+        raise exception
+    assert raised.value.code == 143
+
+
+def test_stale_temp_files_of_killed_saves_are_removed_at_the_next_start(tmp_path, tiny_cfg):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = checkpoints / f"last.ckpt.tmp{int(dead.stdout)}"  # a process that no longer runs
+    live = checkpoints / f"last.ckpt.tmp{os.getpid()}"  # a running process: may be saving right now
+    stale.write_bytes(b"")
+    live.write_bytes(b"")
+    assert remove_stale_temp_files(checkpoints) == [str(stale)]
+    assert live.exists()
+    stale.write_bytes(b"")
+    with pytest.raises(FileNotFoundError):  # train.py cleans up before it reads the data
+        train(tiny_cfg(tmp_path / "no_data", tmp_path / "run"))
+    assert not stale.exists() and live.exists()

@@ -11,10 +11,12 @@ from torchvision.ops import box_iou
 
 from fcos_lightning.data.collate import pad_images
 from fcos_lightning.fcos.criterion import FCOSCriterion
+from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.modeling.backbones import TimmBackbone
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import FCOSHead
 from fcos_lightning.runtime.optimize import fold_batch_norms, optimize_for_inference
+from fcos_lightning.runtime.own_padding import own_padded_groups
 from fcos_lightning.runtime.predictor import Predictor
 
 STEPS = 60
@@ -125,3 +127,30 @@ def test_weights_stored_in_the_autocast_dtype_give_identical_outputs():
             assert torch.equal(x, y)
     with pytest.raises(ValueError, match="precision '32-true'"):
         Predictor(cast, precision="32-true")
+
+
+def test_detections_do_not_depend_on_the_batch():
+    """Images of different sizes get the same detections alone and in one batch: each is seen padded to its
+    own stride multiple only (padding to the batch's largest image changes GroupNorm statistics and borders)."""
+    torch.manual_seed(2)
+    model = tiny_fcos()
+    with torch.no_grad():
+        model.head.cls_logits.bias.fill_(-3.0)  # some detections to compare
+    predictor = Predictor(optimize_for_inference(model), FCOSPostProcessor(score_thresh=0.05), precision="32-true")
+    sizes = [(96, 128), (64, 70), (128, 96), (100, 130), (64, 64), (33, 200), (96, 120), (70, 64)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in sizes]
+    alone = [predictor([img])[0] for img in images]
+    together = predictor(images)
+    assert sum(len(d["scores"]) for d in alone) > 20
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=1e-3)
+        torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-5)
+
+
+def test_own_padded_groups_keep_batch_order():
+    sizes = torch.tensor([[100, 130], [64, 70], [90, 150], [60, 90], [128, 160]])
+    groups = own_padded_groups(sizes, 32)
+    expected = [([0, 4], 128, 160), ([1, 3], 64, 96), ([2], 96, 160)]
+    assert [(idx.tolist(), h, w) for idx, h, w in groups] == expected
+    assert [(idx.tolist(), h, w) for idx, h, w in own_padded_groups(sizes[:1], 0)] == [([0], 100, 130)]
