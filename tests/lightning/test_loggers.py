@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from pytorch_lightning.loggers import Logger
 
-from fcos_lightning import loggers
+from fcos_lightning.lightning import loggers
 from fcos_lightning.lightning.loggers import csv_image_path, log_image, log_images
 
 IMAGE = np.random.default_rng(0).integers(0, 256, size=(3, 24, 40), dtype=np.uint8)
