@@ -80,6 +80,11 @@ class CocoScorer:
                 self._coco.dataset = dataset
                 self._coco.createIndex()
 
+    @property
+    def image_ids(self) -> frozenset[int]:
+        """The ground truth's image ids."""
+        return frozenset(self._image_ids)
+
     def _check(self, results: Sequence[Mapping[str, Any]], image_ids: Sequence[int]) -> None:
         unknown = set(image_ids) - self._image_ids
         if unknown:

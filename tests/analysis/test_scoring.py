@@ -1,13 +1,11 @@
-"""Both COCO scorers give pycocotools' numbers; today's evaluate_coco keys; clear errors for bad input."""
+"""Both COCO scorers give pycocotools' numbers; clear errors for bad input."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from pycocotools.coco import COCO
 
 from fcos_lightning.analysis.scoring import STAT_NAMES, CocoScorer, score
-from fcos_lightning.evaluation import evaluate_coco
 from tests.analysis.conftest import TINY_CLASSES
 
 
@@ -27,17 +25,6 @@ def test_faster_and_pycocotools_agree(generated_coco):
         assert faster.metrics[key] == pytest.approx(value, abs=1e-9), key
     np.testing.assert_allclose(faster.precision, reference.precision, atol=1e-9)
     assert 20 < faster.metrics["AP"] < 80  # a set where every stat means something, not all 0 or 100
-
-
-def test_same_numbers_as_todays_evaluate_coco(generated_coco):
-    gt, results, image_ids, category_map = generated_coco
-    coco = COCO()
-    coco.dataset = gt
-    coco.createIndex()
-    today = evaluate_coco(coco, [dict(r) for r in results], image_ids, category_map)
-    scored = CocoScorer(coco, category_map).score(results, image_ids).metrics
-    for key, value in today.items():
-        assert scored[key] == pytest.approx(value, abs=1e-9), key
 
 
 @pytest.mark.parametrize("backend", ["faster", "pycocotools"])
