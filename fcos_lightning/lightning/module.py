@@ -16,8 +16,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
+from fcos_lightning.analysis.plots import plot_images
+from fcos_lightning.analysis.report import Analysis
 from fcos_lightning.checkpoint import checkpoint_header
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.evaluation.evaluator import COCOEvaluator
@@ -27,6 +30,7 @@ from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.fcos.loss import BoxQuality
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.files import write_json_atomic
+from fcos_lightning.lightning.loggers import log_images
 from fcos_lightning.lightning.nonfinite import (
     ON_NONFINITE_LOSS,
     NonFiniteLossError,
@@ -67,8 +71,10 @@ class FCOSLitModule(pl.LightningModule):
             description, so that ``evaluate.py`` and ``predict.py`` rebuild the model from the checkpoint alone.
         evaluator: scores the validation detections (update / compute / reset); None: validation computes the
             losses only.
-        num_vis_images: validation images drawn to TensorBoard at each round.
-        output_dir: where ``metrics.json`` of the last validation and the pictures are written (None: not).
+        num_vis_images: validation images drawn into one picture with their ground truth and detections at each
+            round (``detections/`` in the run dir and every logger).
+        output_dir: where ``metrics.json`` of the last validation and the pictures are written (None: not); the
+            evaluator's analysis, when it made one, adds the evaluation pictures (``plots/``) and their numbers.
         box_quality: what the quality output learns (:class:`~fcos_lightning.fcos.loss.FCOSLoss`): ``ctrness``
             or ``iou``.
         on_nonfinite_loss: ``stop`` raises on a NaN/Inf training loss naming the batch's image ids and the
@@ -132,6 +138,8 @@ class FCOSLitModule(pl.LightningModule):
         self.num_vis_images = num_vis_images
         self.output_dir = output_dir
         self._vis: list[tuple[Tensor, dict, dict]] = []
+        #: the F1-best score thresholds of the last analysed validation, saved in every checkpoint
+        self.score_thresholds: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         """Before DDP wraps the model: declared-SyncBN layers become SyncBatchNorm under multi-GPU DDP."""
@@ -189,16 +197,20 @@ class FCOSLitModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.evaluator is None:
             return
-        metrics = self.evaluator.compute()  # the same on every rank
-        # float64: what Lightning returns is then exactly what pycocotools computed (its float32 default is not)
+        sanity = self.trainer.sanity_checking
+        metrics = self.evaluator.compute(analyze=not sanity)  # the same on every rank
+        # float64: what Lightning returns is then exactly what the scorer computed (its float32 default is not)
         self.log_dict({f"val/{k}": torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}, sync_dist=False)
         # the step of this validation, for callback_metrics after fit (not a curve worth plotting)
         self.log("val/step", float(self.global_step), logger=False, sync_dist=False)
         metrics["step"] = float(self.global_step)
         self.log("val_AP", metrics["AP"], prog_bar=True, logger=False)
-        if self.global_rank == 0 and not self.trainer.sanity_checking:
-            self._write_metrics(metrics)
-            self._log_images()
+        if not sanity and self.evaluator.score_thresholds is not None:
+            self.score_thresholds = {**self.evaluator.score_thresholds, "step": self.global_step}
+        if self.global_rank == 0 and not sanity:
+            analysis = self.evaluator.analysis
+            self._write_metrics(metrics, analysis)
+            self._log_images(analysis)
 
     def _keep_for_visualization(self, batch: dict, detections: list[dict]) -> None:
         for i, det in enumerate(detections):
@@ -211,26 +223,37 @@ class FCOSLitModule(pl.LightningModule):
             gt = {k: v.detach().cpu() for k, v in batch["targets"][i].items()}
             self._vis.append((batch["images"][i, :, :h, :w].cpu(), gt, pred))
 
-    def _log_images(self) -> None:
-        if not self._vis:
+    def _log_images(self, analysis: Analysis | None) -> None:
+        """The detection grid and the evaluation pictures to every logger, and as PNG files in the run dir:
+        ``detections/val_step<N>.png`` (one per round) and ``plots/<name>.png`` (overwritten each round)."""
+        images = {}
+        if self._vis:
+            # detections drawn above the F1-best threshold of this round once there is one (0.3 before)
+            thresh = (self.score_thresholds or {}).get("global", 0.3)
+            images["val/detections"] = detection_grid(self._vis, self.category_map.names, thresh).numpy()
+        if analysis is not None:
+            images.update({f"val/plots/{name}": image for name, image in plot_images(analysis).items()})
+        log_images(self.loggers, images, self.global_step)
+        if not self.output_dir:
             return
-        grid = detection_grid(self._vis, self.category_map.names)
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_image"):
-            experiment.add_image("val/detections", grid, global_step=self.global_step)
-        if self.output_dir:
-            from torchvision.io import write_png
+        for key, image in images.items():
+            if key == "val/detections":
+                path = Path(self.output_dir) / "detections" / f"val_step{self.global_step:07d}.png"
+            else:
+                path = Path(self.output_dir) / "plots" / f"{key.rpartition('/')[2]}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.transpose(1, 2, 0)).save(path)
 
-            out = Path(self.output_dir) / "detections"
-            out.mkdir(parents=True, exist_ok=True)
-            write_png(grid, str(out / f"val_step{self.global_step:07d}.png"))
-
-    def _write_metrics(self, metrics: dict[str, float]) -> None:
+    def _write_metrics(self, metrics: dict[str, float], analysis: Analysis | None) -> None:
+        """``metrics.json``: the round's metrics, and the numbers behind the pictures under ``analysis``."""
         if not self.output_dir:
             return
         path = Path(self.output_dir) / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, metrics, indent=2)
+        content = dict(metrics)
+        if analysis is not None:
+            content["analysis"] = analysis.to_dict()
+        write_json_atomic(path, content, indent=2)
 
     # ---- optimization -------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -259,10 +282,15 @@ class FCOSLitModule(pl.LightningModule):
             self.criterion.settings(),
             self.test_resize,
             self.source,
+            self.score_thresholds,
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint.update(self.checkpoint_header())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run keeps the thresholds of the validation before it until its own first one."""
+        self.score_thresholds = checkpoint.get("score_thresholds")
 
 
 def validation_metrics(logged: Mapping[str, Any]) -> dict[str, float]:
