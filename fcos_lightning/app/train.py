@@ -136,6 +136,25 @@ def build_module(
     )
 
 
+def build_evaluator(cfg: DictConfig, ground_truth, category_map: CategoryMap, **kwargs) -> COCOEvaluator | None:
+    """The validation scorer of ``cfg.evaluator`` (``conf/evaluator``) for the val split's ground truth; None when
+    the run's config has no evaluator (validation then computes the losses only)."""
+    if not cfg.get("evaluator"):
+        return None
+    # objects passed after instantiate: Hydra would turn the CategoryMap dataclass into a dict
+    return build(cfg.evaluator, _partial_=True)(ground_truth=ground_truth, category_map=category_map, **kwargs)
+
+
+def build_loggers(logger_cfg: DictConfig | None) -> list[pl.loggers.Logger]:
+    """The run's loggers: none for ``logger=null``, one for a logger node (``_target_``), one per entry for a
+    node of logger nodes (``logger=many_loggers``; an entry set to null is left out)."""
+    if not logger_cfg:
+        return []
+    if "_target_" in logger_cfg:
+        return [build(logger_cfg)]
+    return [build(node) for node in logger_cfg.values() if node]
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     """``last``: the run dir's last.ckpt (must exist); ``auto``: last.ckpt if it exists, else a fresh start."""
     if ckpt_path is None:
@@ -162,7 +181,7 @@ def train(cfg: DictConfig) -> float:
     prepare_data(cfg.data)
     datamodule = build(cfg.data.datamodule)
     datamodule.setup("validate")  # the val split's ground truth, for the evaluator
-    evaluator = COCOEvaluator(datamodule.val_dataset.coco, datamodule.category_map)
+    evaluator = build_evaluator(cfg, datamodule.val_dataset.coco, datamodule.category_map)
     global_batch = world_size(cfg.trainer) * cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)
     schedule = make_schedule(cfg.schedule, global_batch)
     module = build_module(cfg, datamodule.num_classes, datamodule.category_map, schedule, evaluator=evaluator)
@@ -172,7 +191,7 @@ def train(cfg: DictConfig) -> float:
         init_from_checkpoint(module.model, cfg.init_from, datamodule.category_map)
 
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values()]
-    logger = build(cfg.logger) if cfg.get("logger") else False
+    loggers = build_loggers(cfg.get("logger"))
     precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     trainer: pl.Trainer = build(
         cfg.trainer,
@@ -180,7 +199,7 @@ def train(cfg: DictConfig) -> float:
         max_steps=schedule.max_steps,
         val_check_interval=schedule.val_interval,
         callbacks=callbacks,
-        logger=logger,
+        logger=loggers or False,
         default_root_dir=str(output_dir),
     )
     check_world_size(trainer, world_size(cfg.trainer))
@@ -197,8 +216,9 @@ def train(cfg: DictConfig) -> float:
             schedule.summary(),
             precision,
         )
-        if logger:
-            logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        hparams = flatten(OmegaConf.to_container(cfg, resolve=True))
+        for logger in loggers:
+            logger.log_hyperparams(hparams)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, str(output_dir)))
     metrics = validation_metrics(trainer.callback_metrics)  # fit returns nothing; its last validation's
@@ -212,7 +232,7 @@ def train(cfg: DictConfig) -> float:
             trainer.global_step,
             format_table(metrics, module.category_map),
         )
-        log.info("run dir: %s (TensorBoard: tensorboard --logdir %s)", output_dir, output_dir / "tensorboard")
+        log.info("run dir: %s (evaluation pictures in %s)", output_dir, output_dir / "plots")
     return ap
 
 
