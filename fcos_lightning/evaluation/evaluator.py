@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,6 +75,8 @@ class COCOEvaluator:
         self.analysis: report.Analysis | None = None
         #: the last analysed round's F1-best score thresholds (``Analysis.score_thresholds``), on every rank
         self.score_thresholds: dict[str, Any] | None = None
+        #: wall time of the last round's scoring and analysis on rank 0, by step name
+        self.seconds: dict[str, float] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -106,12 +109,16 @@ class COCOEvaluator:
                 log.warning("validation scored %d of the %d val images", len(image_ids), total)
             if image_ids and not results:
                 log.warning("COCO evaluation: the model made no detections on %d images; AP is 0", len(image_ids))
+            start = time.perf_counter()
             scores = self.scorer().score(results, image_ids)
+            self.seconds = {"score": time.perf_counter() - start}
             metrics = {**scores.metrics, "num_images": float(len(image_ids))}
             thresholds = None
             if self.analyze and analyze and image_ids:
+                start = time.perf_counter()
                 self.analysis = report.analyze(self.ground_truth, results, image_ids, self.category_map, scores)
                 thresholds = self.analysis.score_thresholds()
+                self.seconds["analyze"] = time.perf_counter() - start
             if self.results_file is not None:
                 write_json_atomic(self.results_file, results)
             payload = (metrics, thresholds)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,16 @@ class FCOSLitModule(pl.LightningModule):
         if self.global_rank == 0 and not sanity:
             analysis = self.evaluator.analysis
             self._write_metrics(metrics, analysis)
+            start = time.perf_counter()
             self._log_images(analysis)
+            seconds = {**self.evaluator.seconds, "pictures": time.perf_counter() - start}
+            log.info(
+                "validation at step %d: %d images, %s (%s scorer)",
+                self.global_step,
+                int(metrics["num_images"]),
+                ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()),
+                self.evaluator.backend,
+            )
 
     def _keep_for_visualization(self, batch: dict, detections: list[dict]) -> None:
         for i, det in enumerate(detections):
