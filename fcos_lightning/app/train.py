@@ -146,8 +146,9 @@ def build_evaluator(cfg: DictConfig, ground_truth, category_map: CategoryMap, **
 
 
 def build_loggers(logger_cfg: DictConfig | None) -> list[pl.loggers.Logger]:
-    """The run's loggers: none for ``logger=null``, one for a logger node (``_target_``), one per entry for a
-    node of logger nodes (``logger=many_loggers``; an entry set to null is left out)."""
+    """The run's loggers: none without a logger node (``~logger``; Hydra rejects ``logger=null`` for a group), one
+    for a logger node (``_target_``), one per entry of a node of logger nodes (``logger=many_loggers``; an entry
+    set to null is left out)."""
     if not logger_cfg:
         return []
     if "_target_" in logger_cfg:
