@@ -89,6 +89,11 @@ def test_evaluate_on_two_processes_matches_one(ddp_run, tiny_demo, tmp_path):
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
         assert m2[key] == pytest.approx(m1[key], abs=1e-4), key
     assert m1["num_images"] == m2["num_images"] == 5  # 5 images on 2 ranks: the sampler padded one
+    # the analysis behind the pictures (rank 0, on the gathered detections) does not depend on the split either
+    a1, a2 = m1["analysis"], m2["analysis"]
+    assert a2["confusion_matrix"] == a1["confusion_matrix"] and a1["confusion_matrix"]["matrix"]
+    assert a2["error_breakdown"]["counts"] == a1["error_breakdown"]["counts"]
+    assert a2["f1"]["best_threshold"] == a1["f1"]["best_threshold"]
     d1, d2 = (json.loads((out[n] / "detections.json").read_text()) for n in (1, 2))
     assert d1 and m1["AP"] > 0, "nothing to compare"
 
