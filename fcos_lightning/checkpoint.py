@@ -14,13 +14,19 @@ with ``torch.load(weights_only=True)``:
 - ``source``: where the weights came from: ``{"kind": "trained", "output_dir", "init_from", "data"}`` or
   ``{"kind": "converted", "format", "file", "dropped_keys", "filled_keys", "data"}``; ``data`` names the val
   split (``val_ann_file``, ``val_img_dir``) and its loader settings (``val_batch_size``, ``num_workers``);
+- ``score_thresholds``: the F1-maximizing score thresholds of the validation the checkpoint was saved at
+  (``{"global", "per_class", "iou", "step"}``, per class in label order, None where the global one applies;
+  :meth:`~fcos_lightning.analysis.report.Analysis.score_thresholds`), which ``predict.py score_thresh=auto``
+  uses; None when no validation was analysed (converted files, files written before the entry existed);
 - ``state_dict``: the network's tensors under ``model.`` (Lightning adds its own entries beside these);
 - ``ema`` (only in checkpoints of a run with ``ema=true``): ``{"decay", "tau", "updates"}``; then ``state_dict``
   holds the averaged weights, which inference uses, and ``current_model_state`` the trained ones
   (:mod:`fcos_lightning.lightning.ema`).
 
 Rebuilding the network needs only this module and the model code, no config system. Files in an older layout
-load through :func:`migrate`.
+load through :func:`migrate`. An entry added to the format later without changing how the others read
+(:data:`OPTIONAL_KEYS`) does not change :data:`FORMAT_VERSION`: older readers ignore it, and :func:`migrate` fills
+in its default where a file lacks it.
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ FORMAT_VERSION = 1
 Weights = Literal["averaged", "trained"]
 WEIGHTS: tuple[Weights, ...] = ("averaged", "trained")
 HEADER_KEYS = ("format_version", "model", "classes", "postprocess", "criterion", "test_resize", "source")
+#: entries added to format 1 later, with the value a file without them gets
+OPTIONAL_KEYS: dict[str, Any] = {"score_thresholds": None}
 
 
 def checkpoint_header(
@@ -67,6 +75,7 @@ def checkpoint_header(
     criterion: Mapping[str, Any],
     test_resize: Mapping[str, int] | None,
     source: Mapping[str, Any],
+    score_thresholds: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything of a checkpoint but its tensors, for the network ``model``."""
     return {
@@ -77,6 +86,7 @@ def checkpoint_header(
         "criterion": dict(criterion),
         "test_resize": None if test_resize is None else {k: int(v) for k, v in test_resize.items()},
         "source": dict(source),
+        "score_thresholds": None if score_thresholds is None else dict(score_thresholds),
     }
 
 
@@ -147,7 +157,7 @@ def migrate(ckpt: Mapping[str, Any], path: str = "checkpoint") -> dict[str, Any]
         missing = [k for k in HEADER_KEYS if k not in ckpt]
         if missing:
             raise ValueError(f"{path}: format {FORMAT_VERSION} checkpoint without {missing}")
-        return dict(ckpt)
+        return {**OPTIONAL_KEYS, **ckpt}
     if version == 0:
         return _from_version_0(ckpt, path)
     raise ValueError(
@@ -208,6 +218,7 @@ def _from_version_0(ckpt: Mapping[str, Any], path: str) -> dict[str, Any]:
         },
         "test_resize": {"min_size": datamodule["test_min_size"], "max_size": datamodule["test_max_size"]},
         "source": source,
+        **OPTIONAL_KEYS,
     }
     rest = {k: v for k, v in ckpt.items() if k not in ("fcos_config", "category_map", "converted_from")}
     return {**rest, **header}

@@ -2,7 +2,8 @@
 Lightning layer loads neither Lightning nor Hydra/OmegaConf (no config object below the entry points).
 
 Layers, lowest first: ``files``; ``modeling``, ``fcos``, ``data`` (peers: none imports another);
-``checkpoint``; ``convert``, ``evaluation``, ``analysis``, ``runtime`` (peers); ``lightning``; ``app``.
+``checkpoint``, ``analysis`` (peers); ``convert``, ``evaluation``, ``runtime`` (peers); ``lightning``; ``app``.
+``analysis`` (the COCO scorers and what explains a score) sits below ``evaluation``, whose evaluator scores with it.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ RANKS = {
     "fcos": 1,
     "data": 1,
     "checkpoint": 2,
+    "analysis": 2,
     "convert": 3,
     "evaluation": 3,
-    "analysis": 3,
     "runtime": 3,
     "lightning": 4,
     "app": 5,

@@ -35,6 +35,10 @@ _ERROR_LABELS = {
 _ERROR_COLORS = ("#d62728", "#ff7f0e", "#8c564b", "#9467bd", "#1f77b4", "#2ca02c")
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('x') else 's'}"
+
+
 def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
@@ -101,7 +105,10 @@ def plot_f1(analysis: Analysis) -> Figure:
     colors = _class_colors(len(names))
     best = f1.best_per_class()
     best_f1 = np.where(best >= 0, f1.f1[np.arange(len(best)), best], np.nan)
-    describe = [f"best {v:.2f} at {f1.thresholds[i]:.2f}" for v, i in zip(best_f1, best, strict=True)]
+    describe = [
+        f"best {v:.2f} at {f1.thresholds[i]:.2f}" if v > 0 else "never found: F1 0"
+        for v, i in zip(best_f1, best, strict=True)
+    ]
     for k, color, label in _class_styles(best_f1, names, colors, describe):
         ax.plot(f1.thresholds, f1.f1[k], color=color, lw=0.8 if label is None else 1.6, label=label)
     if many:
@@ -176,9 +183,10 @@ def plot_error_breakdown(analysis: Analysis) -> Figure:
     ax.barh(y, values, color=[*_ERROR_COLORS, "0.55", "0.55"], height=0.7)
     top = max(*values, 1.0)  # AP points; a sensible axis when nothing is lost
     for yi, name, value in zip(y, names, values, strict=True):
-        count = f" ({errors.counts[name]} errors)" if name in errors.counts else ""
-        if name == "missed":
-            count = f" ({errors.counts[name]} boxes)"
+        count = ""
+        if name in errors.counts:
+            n = errors.counts[name]
+            count = f" ({_plural(n, 'box' if name == 'missed' else 'error')})"
         ax.text(value + top * 0.01, yi, f"+{value:.2f}{count}", va="center", fontsize=10)
     ax.set_yticks(y, [_ERROR_LABELS[k] for k in names])
     ax.set_xlim(0, top * 1.3)

@@ -45,6 +45,17 @@ class Analysis:
         """The score threshold with the highest mean F1 over the classes (``predict.py score_thresh=auto``)."""
         return self.f1.best_threshold()
 
+    def score_thresholds(self) -> dict[str, Any]:
+        """The F1-maximizing score thresholds at IoU 0.5, for ``predict.py score_thresh=auto``:
+        ``{"global": t, "per_class": [t_0, ..., t_{C-1}], "iou": 0.5}`` in label order, ``None`` for a class whose
+        F1 is 0 at every threshold (no ground truth, or never found), where the global threshold applies."""
+        best = self.f1.best_per_class()
+        per_class = [
+            round(float(self.f1.thresholds[i]), 6) if i >= 0 and self.f1.f1[k, i] > 0 else None
+            for k, i in enumerate(best)
+        ]
+        return {"global": self.best_score_threshold, "per_class": per_class, "iou": 0.5}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: lists and floats only, NaN (class without ground truth) as null."""
         names = self.class_names

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,6 +19,8 @@ import numpy as np
 # CategoryMap for annotations only: importing fcos_lightning.data still loads the LightningDataModule
 if TYPE_CHECKING:
     from fcos_lightning.data.coco import CategoryMap
+
+log = logging.getLogger(__name__)
 
 
 Backend = Literal["faster", "pycocotools"]
@@ -68,6 +71,7 @@ class CocoScorer:
                 f"the ground truth's category ids {gt_cat_ids} differ from the class map's {list(category_map.cat_ids)}"
             )
         self._image_ids = {int(img["id"]) for img in dataset["images"]}
+        self._scored_images = {int(a["image_id"]) for a in dataset.get("annotations", []) if not a.get("iscrowd")}
         if backend == "faster":
             from faster_coco_eval import COCO
 
@@ -79,6 +83,11 @@ class CocoScorer:
                 self._coco = COCO()
                 self._coco.dataset = dataset
                 self._coco.createIndex()
+
+    @property
+    def image_ids(self) -> frozenset[int]:
+        """The ground truth's image ids."""
+        return frozenset(self._image_ids)
 
     def _check(self, results: Sequence[Mapping[str, Any]], image_ids: Sequence[int]) -> None:
         unknown = set(image_ids) - self._image_ids
@@ -115,6 +124,12 @@ class CocoScorer:
         image_ids = sorted({int(i) for i in image_ids})
         self._check(results, image_ids)
         names = self.category_map.names
+        if image_ids and not self._scored_images.intersection(image_ids):
+            log.warning(
+                "COCO evaluation: the %d evaluated images have no annotation that is not crowd: AP is undefined "
+                "(reported as 0); add non-crowd boxes to the val set",
+                len(image_ids),
+            )
         if not image_ids or not results:
             return self._empty(image_ids)
         # loadRes writes id/area/iscrowd into each result dict: give it copies.

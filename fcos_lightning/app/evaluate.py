@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import asdict
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
+from fcos_lightning.analysis.complexity import model_complexity
 from fcos_lightning.app.config import build, check_config, check_output_dir
+from fcos_lightning.app.train import build_evaluator
 from fcos_lightning.checkpoint import load_checkpoint, load_network
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.evaluation.coco import METRIC_NAMES, format_table
-from fcos_lightning.evaluation.evaluator import COCOEvaluator
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.files import write_json_atomic
 from fcos_lightning.lightning.datamodule import COCODataModule
@@ -22,7 +24,8 @@ from fcos_lightning.runtime.precision import resolve_precision
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate a checkpoint on a val split; writes metrics.json and detections.json to ``cfg.output_dir``."""
+    """Evaluate a checkpoint on a val split; prints the COCO table and the model's size and FLOPs, and writes
+    metrics.json, detections.json and the evaluation pictures (``plots/``) to ``cfg.output_dir``."""
     check_config(cfg)
     output_dir = check_output_dir(cfg.output_dir)
     ckpt = load_checkpoint(cfg.ckpt_path)
@@ -35,7 +38,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"checkpoint's {list(category_map.cat_ids)} ({cfg.ckpt_path})"
         )
     datamodule.setup("validate")
-    evaluator = COCOEvaluator(datamodule.val_dataset.coco, category_map, results_file=output_dir / "detections.json")
+    evaluator = build_evaluator(
+        cfg, datamodule.val_dataset.coco, category_map, results_file=str(output_dir / "detections.json")
+    )
     module = FCOSLitModule(
         model,
         category_map.to_dict(),
@@ -45,6 +50,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         num_vis_images=cfg.num_pictures,
         output_dir=str(output_dir),
     )
+    # at the largest input the test resize makes (mmdetection's get_flops convention), before BN folding
+    complexity = model_complexity(model, datamodule.test_min_size, datamodule.test_max_size)
     precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     # The fast inference path: BN folded into convs, channels-last, conv weights stored in the autocast dtype.
     optimize_for_inference(module.model, precision=precision, cpu_micro_batch=cfg.cpu_micro_batch)
@@ -58,10 +65,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         summary = {k: metrics[k] for k in METRIC_NAMES}
         summary["per_class_AP"] = {k[3:]: v for k, v in metrics.items() if k.startswith("AP/")}
         summary.update(num_images=num_images, images_per_second=metrics["images_per_second"])
+        summary["model"] = {**asdict(complexity), "gmacs": complexity.gmacs}
+        if evaluator.analysis is not None:
+            summary["analysis"] = evaluator.analysis.to_dict()
         write_json_atomic(output_dir / "metrics.json", summary, indent=2)
         print(format_table(metrics, category_map))
+        print(f"model: {complexity.summary()}")
+        if evaluator.score_thresholds is not None:
+            print(f"score threshold with the best mean F1 at IoU 0.5: {evaluator.score_thresholds['global']:.3f}")
         print(f"{num_images} images in {elapsed:.1f} s: {metrics['images_per_second']:.2f} images/s end to end")
-        print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'detections.json'}")
+        written = [output_dir / "metrics.json", output_dir / "detections.json"]
+        if evaluator.analysis is not None:
+            written.append(output_dir / "plots")
+        print(f"wrote {', '.join(map(str, written))}")
     return metrics
 
 

@@ -72,6 +72,39 @@ def detections_record(file: Path, image: Tensor, det: dict[str, Tensor], categor
     }
 
 
+def class_score_thresholds(
+    score_thresh: float | str | None, ckpt: dict, category_map: CategoryMap, ckpt_path: str
+) -> Tensor | None:
+    """``[C]`` score threshold per class label: ``score_thresh`` for every class, or for ``auto`` the F1-best
+    thresholds of the validation the checkpoint was saved at (a class's own where the analysis gives one, the
+    global one otherwise); None keeps every detection the post-processing keeps."""
+    if score_thresh is None:
+        return None
+    if score_thresh != "auto":
+        if isinstance(score_thresh, str):
+            raise ValueError(f"score_thresh must be a number, auto or null, got {score_thresh!r}")
+        return torch.full((category_map.num_classes,), float(score_thresh))
+    recorded = ckpt.get("score_thresholds")
+    if not recorded:
+        raise ValueError(
+            f"score_thresh=auto: {ckpt_path} records no F1-best score thresholds (they are saved by train.py's "
+            "validation with evaluator.analyze=true; converted and older checkpoints have none): set score_thresh=0.3"
+        )
+    per_class = recorded["per_class"]
+    if len(per_class) != category_map.num_classes:
+        raise ValueError(
+            f"{ckpt_path}: score_thresholds has {len(per_class)} classes, the checkpoint {category_map.num_classes}"
+        )
+    return torch.tensor([recorded["global"] if t is None else t for t in per_class], dtype=torch.float32)
+
+
+def describe_thresholds(thresh: Tensor, category_map: CategoryMap) -> str:
+    """``0.3`` when every class has the same threshold, else ``square 0.412, disc 0.380, ...``."""
+    if bool((thresh == thresh[0]).all()):
+        return f"{float(thresh[0]):g}"
+    return ", ".join(f"{name} {float(t):.3f}" for name, t in zip(category_map.names, thresh, strict=True))
+
+
 def predict(cfg: DictConfig) -> list[dict]:
     """Run ``cfg.ckpt_path`` on ``cfg.input`` (file or folder); writes ``<name>.json`` and ``<name>.png`` per
     image into ``cfg.output`` and returns the JSON records."""
@@ -91,8 +124,9 @@ def predict(cfg: DictConfig) -> list[dict]:
     if min_size is None or max_size is None:
         raise ValueError(f"{cfg.ckpt_path} records no test resize: set test_min_size= and test_max_size=")
     resize = ResizeShortestEdge((int(min_size),), int(max_size), sample=False)
-    thresh = cfg.score_thresh
-    log.info("%s: %d images, test resize %d/%d, score >= %s", cfg.ckpt_path, len(files), min_size, max_size, thresh)
+    thresh = class_score_thresholds(cfg.score_thresh, ckpt, category_map, str(cfg.ckpt_path))
+    described = "all" if thresh is None else describe_thresholds(thresh, category_map)
+    log.info("%s: %d images, test resize %d/%d, score >= %s", cfg.ckpt_path, len(files), min_size, max_size, described)
     records, failed = [], []
     for file in files:
         try:
@@ -103,7 +137,8 @@ def predict(cfg: DictConfig) -> list[dict]:
             failed.append(f"{file}: {e}")
             continue
         if thresh is not None:
-            det = {k: v[det["scores"] >= thresh] for k, v in det.items()}
+            keep = det["scores"] >= thresh.to(det["scores"].device)[det["labels"]]
+            det = {k: v[keep] for k, v in det.items()}
         record = detections_record(file, image, det, category_map)
         (out_dir / f"{file.name}.json").write_text(json.dumps(record, indent=1))
         if cfg.draw:

@@ -208,6 +208,26 @@ def gradient_clip_val(cfg: DictConfig) -> tuple[float | None, str]:
     return float(auto), f"{auto:g} ({reason}: auto_gradient_clip_val; trainer.gradient_clip_val=... to change)"
 
 
+def build_evaluator(cfg: DictConfig, ground_truth, category_map: CategoryMap, **kwargs) -> COCOEvaluator | None:
+    """The validation scorer of ``cfg.evaluator`` (``conf/evaluator``) for the val split's ground truth; None when
+    the run's config has no evaluator (validation then computes the losses only)."""
+    if not cfg.get("evaluator"):
+        return None
+    # objects passed after instantiate: Hydra would turn the CategoryMap dataclass into a dict
+    return build(cfg.evaluator, _partial_=True)(ground_truth=ground_truth, category_map=category_map, **kwargs)
+
+
+def build_loggers(logger_cfg: DictConfig | None) -> list[pl.loggers.Logger]:
+    """The run's loggers: none without a logger node (``~logger``; Hydra rejects ``logger=null`` for a group), one
+    for a logger node (``_target_``), one per entry of a node of logger nodes (``logger=many_loggers``; an entry
+    set to null is left out)."""
+    if not logger_cfg:
+        return []
+    if "_target_" in logger_cfg:
+        return [build(logger_cfg)]
+    return [build(node) for node in logger_cfg.values() if node]
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     """``last``: the run dir's last.ckpt (must exist); ``auto``: last.ckpt if it exists, else a fresh start."""
     if ckpt_path is None:
@@ -239,7 +259,7 @@ def train(cfg: DictConfig) -> float:
     datamodule = build(cfg.data.datamodule)
     datamodule.setup("validate")  # the val split's ground truth, for the evaluator
     check_val_images(datamodule.val_dataset, int(cfg.data.datamodule.num_workers))
-    evaluator = COCOEvaluator(datamodule.val_dataset.coco, datamodule.category_map)
+    evaluator = build_evaluator(cfg, datamodule.val_dataset.coco, datamodule.category_map)
     global_batch = world * cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)
     schedule = make_schedule(cfg.schedule, global_batch, cfg.optimizer.lr)
     module = build_module(cfg, datamodule.num_classes, datamodule.category_map, schedule, evaluator=evaluator)
@@ -251,7 +271,7 @@ def train(cfg: DictConfig) -> float:
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values()]
     if cfg.ema:
         callbacks.append(build(cfg.ema_callback))
-    logger = build(cfg.logger) if cfg.get("logger") else False
+    loggers = build_loggers(cfg.get("logger"))
     precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
     clip, clip_reason = gradient_clip_val(cfg)
     trainer: pl.Trainer = build(
@@ -261,7 +281,7 @@ def train(cfg: DictConfig) -> float:
         max_steps=schedule.max_steps,
         val_check_interval=schedule.val_interval,
         callbacks=callbacks,
-        logger=logger,
+        logger=loggers or False,
         default_root_dir=str(output_dir),
     )
     check_world_size(trainer, world)
@@ -282,8 +302,9 @@ def train(cfg: DictConfig) -> float:
             clip_reason,
             f"decay {cfg.ema_callback.decay:g}, tau {cfg.ema_callback.tau:g} steps" if cfg.ema else "off",
         )
-        if logger:
-            logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        hparams = flatten(OmegaConf.to_container(cfg, resolve=True))
+        for logger in loggers:
+            logger.log_hyperparams(hparams)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, str(output_dir)))
     metrics = validation_metrics(trainer.callback_metrics)  # fit returns nothing; its last validation's
@@ -297,7 +318,7 @@ def train(cfg: DictConfig) -> float:
             trainer.global_step,
             format_table(metrics, module.category_map),
         )
-        log.info("run dir: %s (TensorBoard: tensorboard --logdir %s)", output_dir, output_dir / "tensorboard")
+        log.info("run dir: %s (evaluation pictures in %s)", output_dir, output_dir / "plots")
     return ap
 
 

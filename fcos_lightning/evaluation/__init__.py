@@ -1,1 +1,2 @@
-"""Scoring detections: COCO AP with pycocotools, and pictures of detections."""
+"""Evaluating during training: the COCOEvaluator (gather across ranks, score, analyse), COCO results, FPN-level
+coverage of a dataset, and pictures of detections."""

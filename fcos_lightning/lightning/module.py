@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from pytorch_lightning.callbacks import WeightAveraging
 from torch import Tensor, nn
 
+from fcos_lightning.analysis.plots import plot_images
+from fcos_lightning.analysis.report import Analysis
 from fcos_lightning.checkpoint import checkpoint_header
 from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.evaluation.evaluator import COCOEvaluator
@@ -28,6 +32,7 @@ from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.fcos.loss import BoxQuality
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.files import write_json_atomic
+from fcos_lightning.lightning.loggers import log_images
 from fcos_lightning.lightning.nonfinite import (
     ON_NONFINITE_LOSS,
     NonFiniteLossError,
@@ -73,8 +78,10 @@ class FCOSLitModule(pl.LightningModule):
             description, so that ``evaluate.py`` and ``predict.py`` rebuild the model from the checkpoint alone.
         evaluator: scores the validation detections (update / compute / reset); None: validation computes the
             losses only.
-        num_vis_images: validation images drawn to TensorBoard at each round.
-        output_dir: where ``metrics.json`` of the last validation and the pictures are written (None: not).
+        num_vis_images: validation images drawn into one picture with their ground truth and detections at each
+            round (``detections/`` in the run dir and every logger).
+        output_dir: where ``metrics.json`` of the last validation and the pictures are written (None: not); the
+            evaluator's analysis, when it made one, adds the evaluation pictures (``plots/``) and their numbers.
         box_quality: what the quality output learns (:class:`~fcos_lightning.fcos.loss.FCOSLoss`): ``ctrness``
             or ``iou``.
         on_nonfinite_loss: ``stop`` raises on a NaN/Inf training loss naming the batch's image ids and the
@@ -130,6 +137,8 @@ class FCOSLitModule(pl.LightningModule):
         self.num_vis_images = num_vis_images
         self.output_dir = output_dir
         self._vis: list[tuple[Tensor, dict, dict]] = []
+        #: the F1-best score thresholds of the last analysed validation, saved in every checkpoint
+        self.score_thresholds: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         """Before DDP wraps the model: declared-SyncBN layers become SyncBatchNorm under multi-GPU DDP."""
@@ -196,16 +205,29 @@ class FCOSLitModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.evaluator is None:
             return
-        metrics = self.evaluator.compute()  # the same on every rank
-        # float64: what Lightning returns is then exactly what pycocotools computed (its float32 default is not)
+        sanity = self.trainer.sanity_checking
+        metrics = self.evaluator.compute(analyze=not sanity)  # the same on every rank
+        # float64: what Lightning returns is then exactly what the scorer computed (its float32 default is not)
         self.log_dict({f"val/{k}": torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}, sync_dist=False)
         # the step of this validation, for callback_metrics after fit (not a curve worth plotting)
         self.log("val/step", float(self.global_step), logger=False, sync_dist=False)
         metrics["step"] = float(self.global_step)
         self.log("val_AP", metrics["AP"], prog_bar=True, logger=False)
-        if self.global_rank == 0 and not self.trainer.sanity_checking:
-            self._write_metrics(metrics)
-            self._log_images()
+        if not sanity and self.evaluator.score_thresholds is not None:
+            self.score_thresholds = {**self.evaluator.score_thresholds, "step": self.global_step}
+        if self.global_rank == 0 and not sanity:
+            analysis = self.evaluator.analysis
+            self._write_metrics(metrics, analysis)
+            start = time.perf_counter()
+            self._log_images(analysis)
+            seconds = {**self.evaluator.seconds, "pictures": time.perf_counter() - start}
+            log.info(
+                "validation at step %d: %d images, %s (%s scorer)",
+                self.global_step,
+                int(metrics["num_images"]),
+                ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()),
+                self.evaluator.backend,
+            )
 
     def _keep_for_visualization(self, batch: dict, detections: list[dict]) -> None:
         for i, det in enumerate(detections):
@@ -218,26 +240,37 @@ class FCOSLitModule(pl.LightningModule):
             gt = {k: v.detach().cpu() for k, v in batch["targets"][i].items()}
             self._vis.append((batch["images"][i, :, :h, :w].cpu(), gt, pred))
 
-    def _log_images(self) -> None:
-        if not self._vis:
+    def _log_images(self, analysis: Analysis | None) -> None:
+        """The detection grid and the evaluation pictures to every logger, and as PNG files in the run dir:
+        ``detections/val_step<N>.png`` (one per round) and ``plots/<name>.png`` (overwritten each round)."""
+        images = {}
+        if self._vis:
+            # detections drawn above the F1-best threshold of this round once there is one (0.3 before)
+            thresh = (self.score_thresholds or {}).get("global", 0.3)
+            images["val/detections"] = detection_grid(self._vis, self.category_map.names, thresh).numpy()
+        if analysis is not None:
+            images.update({f"val/plots/{name}": image for name, image in plot_images(analysis).items()})
+        log_images(self.loggers, images, self.global_step)
+        if not self.output_dir:
             return
-        grid = detection_grid(self._vis, self.category_map.names)
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_image"):
-            experiment.add_image("val/detections", grid, global_step=self.global_step)
-        if self.output_dir:
-            from torchvision.io import write_png
+        for key, image in images.items():
+            if key == "val/detections":
+                path = Path(self.output_dir) / "detections" / f"val_step{self.global_step:07d}.png"
+            else:
+                path = Path(self.output_dir) / "plots" / f"{key.rpartition('/')[2]}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.transpose(1, 2, 0)).save(path)
 
-            out = Path(self.output_dir) / "detections"
-            out.mkdir(parents=True, exist_ok=True)
-            write_png(grid, str(out / f"val_step{self.global_step:07d}.png"))
-
-    def _write_metrics(self, metrics: dict[str, float]) -> None:
+    def _write_metrics(self, metrics: dict[str, float], analysis: Analysis | None) -> None:
+        """``metrics.json``: the round's metrics, and the numbers behind the pictures under ``analysis``."""
         if not self.output_dir:
             return
         path = Path(self.output_dir) / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, metrics, indent=2)
+        content = dict(metrics)
+        if analysis is not None:
+            content["analysis"] = analysis.to_dict()
+        write_json_atomic(path, content, indent=2)
 
     # ---- optimization -------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -265,6 +298,7 @@ class FCOSLitModule(pl.LightningModule):
             self.criterion.settings(),
             self.test_resize,
             self.source,
+            self.score_thresholds,
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -273,7 +307,9 @@ class FCOSLitModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuses a resume on data with other category ids (it would silently train label k as another class);
         resuming a checkpoint of an ``ema=true`` run without EMA continues from its trained weights, not the
-        averaged ones its ``state_dict`` holds (:mod:`fcos_lightning.lightning.ema`)."""
+        averaged ones its ``state_dict`` holds (:mod:`fcos_lightning.lightning.ema`). A resumed run keeps the
+        score thresholds of the validation before it until its own first one."""
+        self.score_thresholds = checkpoint.get("score_thresholds")
         saved = checkpoint.get("classes") or checkpoint.get("category_map")  # format 1, format 0
         if saved is not None and CategoryMap.from_dict(saved) != self.category_map:
             raise ValueError(

@@ -68,7 +68,7 @@ def test_error_bars_are_the_delta_ap(analysis_of):
     widths = [bar.get_width() for bar in ax.patches]
     expected = [analysis.errors.delta_ap[k] for k in (*ERROR_TYPES, "false_positive", "false_negative")]
     np.testing.assert_allclose(widths, expected)
-    assert any(t.get_text() == f"+{expected[0]:.2f} (1 errors)" for t in ax.texts)
+    assert any(t.get_text() == f"+{expected[0]:.2f} (1 error)" for t in ax.texts)
 
 
 def test_many_classes_highlight_the_lowest(generated_coco, monkeypatch):

@@ -43,3 +43,15 @@ def test_generated_set_round_trips(generated_coco):
     assert set(d) == {"coco", "precision_recall", "f1", "confusion_matrix", "error_breakdown"}
     assert d["f1"]["best_threshold"] == pytest.approx(analysis.best_score_threshold)
     assert d["error_breakdown"]["ap50"] == pytest.approx(d["coco"]["AP50"], abs=1e-5)  # same matching, same AP
+
+
+def test_score_thresholds_for_predict(analysis_of):
+    analysis = analysis_of("missed")
+    best = analysis.to_dict()["f1"]["best_per_class"]
+    thresholds = analysis.score_thresholds()
+    assert thresholds == {"global": 0.402, "per_class": [best["cat"]["threshold"], 0.402], "iou": 0.5}
+    assert 0 < thresholds["per_class"][0] <= 1
+    # a class without ground truth has no threshold of its own: predict.py uses the global one for it
+    gt, results, image_ids = build_coco(TINY_GT, [PERFECT[2]], image_ids=(2,))
+    alone = analyze(gt, results, image_ids, TINY_CLASSES, score(gt, results, image_ids, TINY_CLASSES))
+    assert alone.score_thresholds()["per_class"][1] is None and alone.score_thresholds()["per_class"][0] is not None

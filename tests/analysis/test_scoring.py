@@ -1,13 +1,14 @@
-"""Both COCO scorers give pycocotools' numbers; today's evaluate_coco keys; clear errors for bad input."""
+"""Both COCO scorers give pycocotools' numbers; clear errors for bad input."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
-from pycocotools.coco import COCO
 
 from fcos_lightning.analysis.scoring import STAT_NAMES, CocoScorer, score
-from fcos_lightning.evaluation.coco import evaluate_coco
+from fcos_lightning.data.coco import CategoryMap
 from tests.analysis.conftest import TINY_CLASSES
 
 
@@ -27,17 +28,6 @@ def test_faster_and_pycocotools_agree(generated_coco):
         assert faster.metrics[key] == pytest.approx(value, abs=1e-9), key
     np.testing.assert_allclose(faster.precision, reference.precision, atol=1e-9)
     assert 20 < faster.metrics["AP"] < 80  # a set where every stat means something, not all 0 or 100
-
-
-def test_same_numbers_as_todays_evaluate_coco(generated_coco):
-    gt, results, image_ids, category_map = generated_coco
-    coco = COCO()
-    coco.dataset = gt
-    coco.createIndex()
-    today = evaluate_coco(coco, [dict(r) for r in results], image_ids, category_map)
-    scored = CocoScorer(coco, category_map).score(results, image_ids).metrics
-    for key, value in today.items():
-        assert scored[key] == pytest.approx(value, abs=1e-9), key
 
 
 @pytest.mark.parametrize("backend", ["faster", "pycocotools"])
@@ -83,3 +73,27 @@ def test_bad_input_is_named(tiny_case):
         score(gt, [{**results[0], "category_id": 5}], image_ids, TINY_CLASSES)
     with pytest.raises(TypeError, match="COCO json dict or a COCO object"):
         score([1, 2], results, image_ids, TINY_CLASSES)
+
+
+def _crowd_gt(crowd: list[int]) -> dict:
+    return {
+        "images": [{"id": 1, "width": 50, "height": 40}, {"id": 2, "width": 50, "height": 40}],
+        "annotations": [
+            {"id": k + 1, "image_id": 1 + k % 2, "category_id": 3, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": c}
+            for k, c in enumerate(crowd)
+        ],
+        "categories": [{"id": 3, "name": "cat"}],
+    }
+
+
+@pytest.mark.parametrize("backend", ["faster", "pycocotools"])
+def test_crowd_only_ground_truth_warns_that_ap_is_undefined(caplog, backend):
+    detections = [{"image_id": 1, "category_id": 3, "bbox": [5, 5, 20, 20], "score": 0.9}]
+    classes = CategoryMap((3,), ("cat",))
+    with caplog.at_level(logging.WARNING, logger="fcos_lightning.analysis.scoring"):
+        scores = CocoScorer(_crowd_gt([1, 1]), classes, backend).score(detections, [1, 2])
+    assert scores.metrics["AP"] == 0.0 and "no annotation that is not crowd: AP is undefined" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fcos_lightning.analysis.scoring"):
+        scores = CocoScorer(_crowd_gt([0, 1]), classes, backend).score(detections, [1, 2])
+    assert scores.metrics["AP"] > 99 and "undefined" not in caplog.text

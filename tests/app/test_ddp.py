@@ -130,6 +130,12 @@ def test_evaluation_does_not_depend_on_batch_or_processes(ddp_run, varied_sizes,
             assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"]), name
             assert b["score"] == pytest.approx(a["score"], abs=1e-4)
             assert b["bbox"] == pytest.approx(a["bbox"], abs=1e-2)
+    # the analysis behind the pictures (rank 0, on the gathered detections) does not depend on the split either
+    for name in ("b8", "ddp"):
+        a, b = metrics["b1"]["analysis"], metrics[name]["analysis"]
+        assert b["confusion_matrix"] == a["confusion_matrix"] and a["confusion_matrix"]["matrix"], name
+        assert b["error_breakdown"]["counts"] == a["error_breakdown"]["counts"], name
+        assert b["f1"]["best_threshold"] == pytest.approx(a["f1"]["best_threshold"], abs=1e-4), name
 
 
 def test_multirun_over_head_norms_with_ddp(tiny_overrides, tiny_demo, tmp_path):

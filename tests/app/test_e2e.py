@@ -10,13 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fcos_lightning.analysis.complexity import model_complexity
+from fcos_lightning.analysis.plots import PLOTS
 from fcos_lightning.app.evaluate import evaluate
 from fcos_lightning.app.train import train
+from fcos_lightning.checkpoint import load_network
 from fcos_lightning.lightning.optim import WarmupMultiStep
 from fcos_lightning.modeling.detector import FCOS
+
+NAMES = ["square", "disc", "ring"]
 
 
 def pycocotools_metrics(ann_file: Path, detections: list[dict]) -> dict[str, float]:
@@ -29,7 +36,7 @@ def pycocotools_metrics(ann_file: Path, detections: list[dict]) -> dict[str, flo
     return dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), (max(float(s), 0.0) * 100 for s in ev.stats[:6])))
 
 
-def test_train_then_evaluate_matches_pycocotools(tiny_demo, tiny_cfg, compose_cfg, tmp_path, monkeypatch):
+def test_train_then_evaluate_matches_pycocotools(tiny_demo, tiny_cfg, compose_cfg, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     cfg = tiny_cfg(
         tiny_demo,
@@ -38,6 +45,7 @@ def test_train_then_evaluate_matches_pycocotools(tiny_demo, tiny_cfg, compose_cf
         "schedule.val_interval=12",
         "schedule.warmup_iters=4",
         "schedule.milestones=[20]",
+        "logger=many_loggers",
     )
     ap = train(cfg)
 
@@ -50,9 +58,22 @@ def test_train_then_evaluate_matches_pycocotools(tiny_demo, tiny_cfg, compose_cf
     train_metrics = json.loads((run / "metrics.json").read_text())
     assert train_metrics["step"] == 24 and train_metrics["AP"] == pytest.approx(ap)
     assert train_metrics["num_images"] == 5  # every val image once
+    assert_explained(run, train_metrics)
+    # the pictures reached both loggers of many_loggers, at both validations (steps 12 and 24)
+    csv_images = {p.name for p in (run / "csv" / "images").glob("*.png")}
+    for name in (*PLOTS, "detections"):
+        stem = f"val_plots_{name}" if name != "detections" else "val_detections"
+        assert {f"{stem}-step0000012.png", f"{stem}-step0000024.png"} <= csv_images, name
+    tags = EventAccumulator(str(run / "tensorboard")).Reload().Tags()["images"]
+    assert set(tags) == {"val/detections", *(f"val/plots/{name}" for name in PLOTS)}
 
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["classes"] == {"cat_ids": [2, 5, 9], "names": ["square", "disc", "ring"]}
+    # predict.py score_thresh=auto reads the last validation's F1-best thresholds from the checkpoint
+    f1 = train_metrics["analysis"]["f1"]
+    assert ckpt["score_thresholds"]["global"] == f1["best_threshold"] and ckpt["score_thresholds"]["step"] == 24
+    per_class = [f1["best_per_class"][n]["threshold"] if f1["best_per_class"][n]["f1"] else None for n in NAMES]
+    assert ckpt["score_thresholds"]["per_class"] == per_class
 
     out = tmp_path / "eval"
     ecfg = compose_cfg(
@@ -74,6 +95,14 @@ def test_train_then_evaluate_matches_pycocotools(tiny_demo, tiny_cfg, compose_cf
     wall = time.perf_counter() - start
     assert network_batches and set(network_batches) == {1}  # cpu_micro_batch=1: val batches of 2, image by image
     written = json.loads((out / "metrics.json").read_text())
+    assert_explained(out, written)
+    # parameters and FLOPs at the test resize's largest input (192 x 400 here), printed and in metrics.json
+    network = load_network(ckpt)
+    complexity = model_complexity(network, 192, 400)
+    assert written["model"]["parameters"] == complexity.parameters == sum(p.numel() for p in network.parameters())
+    assert written["model"]["flops"] == complexity.flops > 0
+    assert written["model"]["input_size"] == list(complexity.input_size)  # padded to the stride multiple
+    assert complexity.summary() in capsys.readouterr().out
     detections = json.loads((out / "detections.json").read_text())
     assert detections, "score_thresh=0.001 must leave detections to score"
     ann_file = tiny_demo / "annotations" / "instances_val.json"
@@ -91,6 +120,21 @@ def test_train_then_evaluate_matches_pycocotools(tiny_demo, tiny_cfg, compose_cf
     assert 0 < written["num_images"] / written["images_per_second"] <= wall
     # the same checkpoint scored during training and by evaluate.py gives the same AP
     assert written["AP"] == pytest.approx(train_metrics["AP"], abs=1e-6)
+
+
+def assert_explained(run_dir: Path, metrics: dict) -> None:
+    """The evaluation pictures are in ``run_dir/plots`` and their numbers in ``metrics["analysis"]``, for the
+    same detections as the COCO metrics."""
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == sorted(f"{name}.png" for name in PLOTS)
+    for name in PLOTS:
+        width, height = Image.open(run_dir / "plots" / f"{name}.png").size
+        assert width >= 600 and height >= 400, name
+    analysis = metrics["analysis"]
+    assert set(analysis) == {"coco", "precision_recall", "f1", "confusion_matrix", "error_breakdown"}
+    assert analysis["coco"]["AP"] == pytest.approx(metrics["AP"])
+    assert analysis["confusion_matrix"]["labels"] == [*NAMES, "background"]
+    assert set(analysis["f1"]["best_per_class"]) == set(NAMES)
+    assert analysis["error_breakdown"]["ap50"] == pytest.approx(metrics["AP50"], abs=1e-6)
 
 
 def test_resume_continues_at_same_step_and_lr(tiny_demo, tiny_cfg, tmp_path):

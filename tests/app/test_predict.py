@@ -117,3 +117,31 @@ def test_bad_images_are_reported_and_the_good_ones_written(tmp_path, tiny_ckpt, 
         run_predict(tiny_ckpt, folder)
     out = tmp_path / "pred"
     assert sorted(p.name for p in out.glob("*.json")) == ["a_good.png.json", "d_good.jpg.json"]
+
+
+def test_score_thresh_auto_applies_the_checkpoints_per_class_thresholds(tmp_path, tiny_ckpt, run_predict):
+    image = np.random.default_rng(1).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "img.png")
+    (everything,), _ = run_predict(tiny_ckpt, tmp_path / "img.png", "score_thresh=null")
+    by_class = {k: sorted(s for s, c in zip(everything["scores"], everything["labels"], strict=True) if c == k)
+                for k in (0, 1, 2)}  # fmt: skip
+    assert all(len(s) >= 2 for s in by_class.values()), "every class needs detections to cut"
+    # class 0: its own threshold; classes 1 and 2 (None: no F1 of their own) the global one, from class 1's scores
+    own, overall = by_class[0][len(by_class[0]) // 2], by_class[1][len(by_class[1]) // 2]
+    ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)
+    ckpt["score_thresholds"] = {"global": overall, "per_class": [own, None, None], "iou": 0.5, "step": 24}
+    torch.save(ckpt, tmp_path / "with_thresholds.ckpt")
+
+    (auto,), _ = run_predict(tmp_path / "with_thresholds.ckpt", tmp_path / "img.png", "score_thresh=auto")
+    threshold = {0: own, 1: overall, 2: overall}
+    pairs = list(zip(everything["scores"], everything["labels"], strict=True))
+    expected = [(s, c) for s, c in pairs if s >= threshold[c]]
+    assert list(zip(auto["scores"], auto["labels"], strict=True)) == expected
+    for single in (own, overall):  # one threshold for every class would keep other detections
+        assert expected != [(s, c) for s, c in pairs if s >= single]
+
+
+def test_score_thresh_auto_without_recorded_thresholds_says_what_to_do(tmp_path, tiny_ckpt, run_predict):
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    with pytest.raises(ValueError, match=r"score_thresh=auto: .*tiny\.ckpt records no F1-best score thresholds"):
+        run_predict(tiny_ckpt, tmp_path / "img.png", "score_thresh=auto")
