@@ -3,57 +3,20 @@
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
 from torchvision.ops import box_iou
 
 from fcos_lightning.data.collate import pad_images
-from fcos_lightning.fcos.criterion import FCOSCriterion
-from fcos_lightning.modeling.backbones import TimmBackbone
-from fcos_lightning.modeling.detector import FCOS
-from fcos_lightning.modeling.head import FCOSHead
 from fcos_lightning.runtime.optimize import fold_batch_norms, optimize_for_inference
 from fcos_lightning.runtime.predictor import Predictor
-
-STEPS = 60
-NUM_CLASSES = 3  # the classes of the two_images fixture
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def tiny_fcos(norm: str = "BN") -> FCOS:
-    narrow = {"channels": [16, 32, 64, 128], "stem_width": 16}
-    backbone = TimmBackbone("resnet18", out_indices=(2, 3, 4), norm=norm, freeze_at=0, model_kwargs=narrow)
-    head = functools.partial(FCOSHead, norm="GN", num_cls_convs=2, num_box_convs=2)
-    return FCOS(backbone, head, NUM_CLASSES, fpn_channels=64, top_levels=2)
-
-
-@pytest.fixture(scope="module")
-def trained(two_images):
-    """A narrow FCOS trained on two generated images until it detects their five boxes confidently (~5 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module-scoped, so set up before the single_thread fixture applies
-    torch.manual_seed(0)
-    model = tiny_fcos()
-    images, boxes, labels = two_images
-    criterion = FCOSCriterion.for_model(model)
-    targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels, strict=True)]
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    model.train()
-    for _ in range(STEPS):
-        out = model(images)
-        losses = criterion(out, targets)
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
-    torch.set_num_threads(threads)
-    return model.eval(), images, boxes, labels
-
-
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
-def test_folding_batch_norms_keeps_the_function(norm, two_images):
+def test_folding_batch_norms_keeps_the_function(norm, two_images, tiny_fcos):
     torch.manual_seed(1)
     model = tiny_fcos(norm).eval()
     for m in model.modules():  # non-trivial statistics, so folding has something to get right
@@ -72,7 +35,7 @@ def test_folding_batch_norms_keeps_the_function(norm, two_images):
                 torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-4)
 
 
-def test_predictor_pads_and_matches_the_batched_input():
+def test_predictor_pads_and_matches_the_batched_input(tiny_fcos):
     model = optimize_for_inference(tiny_fcos())
     predictor = Predictor(model, precision="32-true")
     images = [
@@ -109,7 +72,7 @@ def test_bf16_finds_the_same_top_detections_as_fp32(trained):
         torch.testing.assert_close(low["scores"][best.indices], top["scores"], rtol=0, atol=0.05)
 
 
-def test_weights_stored_in_the_autocast_dtype_give_identical_outputs():
+def test_weights_stored_in_the_autocast_dtype_give_identical_outputs(tiny_fcos):
     """Casting conv weights once equals autocast casting them at every call, bit for bit; a model so cast
     is refused by a full-precision Predictor instead of failing inside a convolution."""
     model = optimize_for_inference(tiny_fcos())
