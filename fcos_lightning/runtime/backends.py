@@ -103,6 +103,8 @@ class OpenVINOBackend:
         threads: inference threads (0: OpenVINO's default, one per core).
         hint: ``LATENCY`` (one request uses every core) or ``THROUGHPUT``.
         num_streams: parallel streams (None: what ``hint`` implies).
+        static_shape: ``(B, H, W)`` to compile the graph for that padded input shape only (OpenVINO can then
+            plan memory and kernels ahead); None keeps batch, height and width dynamic.
     """
 
     name = "openvino"
@@ -116,6 +118,7 @@ class OpenVINOBackend:
         threads: int = 0,
         hint: str = "LATENCY",
         num_streams: int | None = None,
+        static_shape: tuple[int, int, int] | None = None,
     ) -> None:
         import openvino as ov
 
@@ -126,7 +129,12 @@ class OpenVINOBackend:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         if num_streams is not None:
             config["NUM_STREAMS"] = str(num_streams)
-        self.compiled = ov.Core().compile_model(os.fspath(path), "CPU", config)
+        core = ov.Core()
+        model = core.read_model(os.fspath(path))
+        if static_shape is not None:
+            b, h, w = (int(v) for v in static_shape)
+            model.reshape({"images": [b, 3, h, w], "image_sizes": [b, 2]})
+        self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.size_divisibility = int(size_divisibility)
 
