@@ -45,8 +45,6 @@ def output_path(cfg: DictConfig) -> Path:
     path = Path(cfg.output) if cfg.output else Path(cfg.output_dir) / f"model{suffix}"
     if path.suffix.lower() != suffix:
         raise ValueError(f"output={path}: format={cfg.format} writes a {suffix} file")
-    if cfg.nms and cfg.format != "onnx":
-        raise ValueError("nms=true puts decoding and NMS into an ONNX graph: it needs format=onnx")
     return path
 
 
@@ -59,13 +57,7 @@ def export(cfg: DictConfig) -> dict:
     decoder = FCOSDecoder.for_model(model, postprocessor)
     d = model.size_divisibility
     path.parent.mkdir(parents=True, exist_ok=True)
-    if cfg.nms:
-        from fcos_lightning.runtime.onnx_nms import check_detection_graph, export_detection_graph
-
-        export_detection_graph(model, decoder, path, cfg.opset)
-        checks = check_detection_graph(model, decoder, path, cfg.check_sizes)
-        network = None
-    elif cfg.format == "onnx":
+    if cfg.format == "onnx":
         export_onnx(model, path, cfg.opset)
         network = OnnxRuntimeBackend(path, d)
     else:
@@ -74,18 +66,15 @@ def export(cfg: DictConfig) -> dict:
             write_openvino(onnx_path, path, cfg, ckpt, model)
         network = OpenVINOBackend(path, d, OPENVINO_PRECISIONS[cfg.precision])
     log.info("wrote %s (%s %s) from %s", path, cfg.format, cfg.precision, cfg.ckpt_path)
-    speed = None
-    if network is not None:
-        tolerance = Tolerance(**OmegaConf.to_container(cfg.tolerance[cfg.precision]))
-        name = f"{cfg.format} {cfg.precision}"
-        checks = check_against_pytorch(model, network, decoder, cfg.check_sizes, tolerance, name)
-        speed = compare_speed(model, network, cfg, ckpt)
+    tolerance = Tolerance(**OmegaConf.to_container(cfg.tolerance[cfg.precision]))
+    name = f"{cfg.format} {cfg.precision}"
+    checks = check_against_pytorch(model, network, decoder, cfg.check_sizes, tolerance, name)
+    speed = compare_speed(model, network, cfg, ckpt)
     sidecar = {
         "sidecar_version": SIDECAR_VERSION,
         "model_file": path.name,
         "format": cfg.format,
         "precision": cfg.precision,
-        "nms_in_graph": bool(cfg.nms),
         "checkpoint": str(cfg.ckpt_path),
         "opset": cfg.opset,
         "inputs": {
@@ -93,7 +82,7 @@ def export(cfg: DictConfig) -> dict:
             "of size_divisibility (normalization is inside the graph)",
             "image_sizes": "int64 [B,2] (h, w) of the valid region",
         },
-        "outputs": ["boxes", "scores", "labels"] if cfg.nms else output_names(model.strides),
+        "outputs": output_names(model.strides),
         "strides": model.strides,
         "point_offset": model.point_offset,
         "size_divisibility": d,

@@ -56,11 +56,6 @@ def read_sidecar(model_path: str | os.PathLike) -> dict[str, Any]:
     fmt = EXPORT_SUFFIXES[path.suffix.lower()]
     if info["format"] != fmt:
         raise ValueError(f"{side} describes a {info['format']} model, but {path} is {fmt}")
-    if info.get("nms_in_graph"):
-        raise ValueError(
-            f"{path} was exported with nms=true (decoding and NMS inside the graph, for other languages); "
-            "evaluate.py and predict.py run the raw-output graph: export again without nms=true"
-        )
     return info
 
 
