@@ -96,6 +96,47 @@ def test_export_check_fails_loudly_on_a_mismatch(exported, tiny_ckpt):
         check_against_pytorch(model, backend, decoder, [[128, 128]], name="onnx fp32")
 
 
+def test_int8_export_runs_through_evaluate(tiny_ckpt, tiny_demo, compose_cfg, tmp_path):
+    """int8 (NNCF, calibrated on the tiny demo's training images, as the sidecar records) through evaluate.py."""
+    out = tmp_path / "int8"
+    cfg = compose_cfg(
+        "export",
+        [
+            f"ckpt_path={tiny_ckpt}",
+            "format=openvino",
+            "precision=int8",
+            "check_sizes=[[192,224]]",
+            "bench_size=[192,224]",
+            "bench_runs=1",
+            "calibration.num_images=4",
+            f"calibration.ann_file={tiny_demo / 'annotations' / 'instances_train.json'}",
+            f"calibration.img_dir={tiny_demo / 'train'}",
+            "tolerance.int8.min_match=0.3",  # random weights: many detections near a tie, which 8 bits reorder
+        ],  # fmt: skip
+        out,
+    )
+    sidecar = export(cfg)
+    assert (out / "model.xml").is_file() and (out / "model.bin").is_file()
+    assert sidecar["precision"] == "int8" and sidecar["calibration"]["num_images"] == 4
+    val = [
+        f"data.val.ann_file={tiny_demo / 'annotations' / 'instances_val.json'}",
+        f"data.val.img_dir={tiny_demo / 'val'}",
+    ]
+    ecfg = compose_cfg(
+        "evaluate", [f"model_path={out / 'model.xml'}", "trainer.enable_progress_bar=false", *val], tmp_path / "eval"
+    )
+    metrics = evaluate(ecfg)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["num_images"] == written["num_images"] == 5 and 0 <= written["AP"] <= 100
+
+
+def test_a_bad_model_path_fails_naming_it(compose_cfg, tmp_path):
+    missing = tmp_path / "model.xml"
+    with pytest.raises(FileNotFoundError, match=f"model_path not found: {missing}"):
+        evaluate(compose_cfg("evaluate", [f"model_path={missing}"], tmp_path / "eval"))
+
+
+@pytest.mark.slow
 def test_openvino_exports_run_through_evaluate(tiny_trained_ckpt, tiny_demo, compose_cfg, tmp_path):
     """fp32 ONNX scores the AP the checkpoint scores (same resize, padding and decoding); OpenVINO bf16 and an
     int8 export calibrated on the run's own training images give an AP through evaluate.py too."""
