@@ -1,4 +1,5 @@
-"""Export a checkpoint to ONNX, verified with onnxruntime: ``python export.py ckpt_path=PATH [format=onnx]``."""
+"""Export a checkpoint to ONNX or OpenVINO (fp32/bf16/int8), checked against PyTorch:
+``python export.py ckpt_path=PATH [format=onnx|openvino] [precision=fp32|bf16|int8]``."""
 
 import hydra
 from omegaconf import DictConfig

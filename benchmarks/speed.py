@@ -8,6 +8,12 @@ Both detectors run the same weights: torchvision's randomly initialised model, c
   network under our default CPU precision, batched post-processing) on a model prepared by
   :func:`~fcos_lightning.runtime.optimize.optimize_for_inference`. torchvision: ``model([image / 255])`` in fp32
   (its transform: normalize, resize, batch; then network and post-processing).
+- runtimes, the same two models and batches, end to end through the one
+  :class:`~fcos_lightning.runtime.predictor.Predictor` (resize-free uint8 images in, detections out), only the
+  backend differing: ours PyTorch in our CPU precision, OpenVINO bf16 and int8 (NNCF post-training quantization
+  calibrated on ``--calib-images`` generated images), onnxruntime fp32; each row's ratio is against
+  torchvision fp32 timed in the same interleaved loop. OpenVINO options: ``--ov-hint``, ``--ov-streams``,
+  ``--ov-static`` (graph compiled for the benchmark's padded shape).
 - training, batch 2, same models and sizes: forward, loss, backward, SGD step (ours under the Lightning
   ``precision=auto`` default and the preset's memory format, torchvision fp32).
 - target assignment for 10, 100, 1000 boxes on one 800x1333 image: time and peak-RSS growth
@@ -63,7 +69,12 @@ from fcos_lightning.runtime.optimize import autocast, autocast_dtype, optimize_f
 from fcos_lightning.runtime.precision import resolve_precision
 from fcos_lightning.runtime.predictor import Predictor
 
-TARGETS = {"inference": 3.0, "training": 2.0}  # the project's speed targets: ratios against torchvision fp32
+TARGETS = {
+    "inference": 3.0,
+    "training": 2.0,
+    "openvino bf16": 3.0,
+    "openvino int8": 6.0,
+}  # the project's speed targets: ratios against torchvision fp32
 # GPU (H100) minimums for ours: (section, model, batch) -> images/s. R-50 batch 1 <= 14 ms per image.
 ABSOLUTE_TARGETS = {
     ("inference", "R50-FPN", 1): 1000 / 14,
@@ -312,6 +323,60 @@ def bench_inference(
                             achieved["torchvision"], True, None, {}))  # fmt: skip
             ceiling = t["torchvision"]["median_s"] / (flops["ours"] / 1e9 / peak)
             rows.append(row("  ceiling: ratio if all of it ran at the peak", "x", ceiling, None, True, None, {}))
+    return rows
+
+
+def bench_runtimes(name: str, batches: list[int], warmup: int, repeats: int, opts: argparse.Namespace) -> list[dict]:
+    """Ours through each runtime vs torchvision fp32, interleaved per batch size (module docstring)."""
+    import nncf
+    import openvino as ov
+
+    from fcos_lightning.fcos.decoder import FCOSDecoder
+    from fcos_lightning.runtime.backends import OnnxRuntimeBackend, OpenVINOBackend
+    from fcos_lightning.runtime.onnx import export_onnx
+
+    make_pair, size = MODELS[name]
+    tv, model, postprocessor = make_pair(train=False)
+    tv.eval()
+    precision = resolve_precision("auto", "cpu")
+    decoder = FCOSDecoder.for_model(model, postprocessor)
+    d = model.size_divisibility
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(model.eval(), Path(tmp) / "model.onnx")
+        ov.save_model(ov.convert_model(str(onnx_path)), str(Path(tmp) / "fp32.xml"), compress_to_fp16=False)
+        calib = [pad_images([im], d) for im in images(opts.calib_images, size, seed=1)]
+        feed = [{"images": b.float().numpy(), "image_sizes": s.numpy()} for b, s in calib]
+        int8 = nncf.quantize(ov.convert_model(str(onnx_path)), nncf.Dataset(feed), subset_size=len(feed),
+                             preset=nncf.QuantizationPreset(opts.nncf_preset))  # fmt: skip
+        ov.save_model(int8, str(Path(tmp) / "int8.xml"), compress_to_fp16=False)
+        ours = Predictor(optimize_for_inference(copy.deepcopy(model), precision=precision), postprocessor, precision)
+        for batch in batches:
+            imgs = images(batch, size)
+            padded = pad_images(imgs, d)[0].shape
+            ov_args = {"hint": opts.ov_hint, "num_streams": opts.ov_streams}
+            if opts.ov_static:
+                ov_args["static_shape"] = (batch, padded[-2], padded[-1])
+            backends = {
+                "ours OpenVINO bf16": OpenVINOBackend(Path(tmp) / "fp32.xml", d, "bf16", **ov_args),
+                "ours OpenVINO int8": OpenVINOBackend(Path(tmp) / "int8.xml", d, None, **ov_args),
+                "ours onnxruntime fp32": OnnxRuntimeBackend(onnx_path, d),
+            }
+            runtimes = {f"ours PyTorch {precision}": ours}
+            runtimes.update({k: Predictor(b, decoder=decoder) for k, b in backends.items()})
+
+            def run_tv(imgs=imgs):
+                with torch.no_grad():
+                    return tv([im.float() / 255 for im in imgs])
+
+            fns = {k: functools.partial(p, imgs) for k, p in runtimes.items()}
+            t = interleaved({**fns, "torchvision": run_tv}, warmup, repeats)
+            tv_ips = batch / t["torchvision"]["median_s"]
+            for k in fns:
+                kind = k.removeprefix("ours ").replace("OpenVINO", "openvino") if batch == 1 else None
+                label = f"runtimes {name} batch {batch}: {k}"
+                rows.append(row(label, "images/s", batch / t[k]["median_s"], tv_ips, True, kind,
+                                {k: t[k], "torchvision": t["torchvision"]}))  # fmt: skip
     return rows
 
 
@@ -604,7 +669,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short smoke run: 1 repeat, batch 1, fewer sections")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5, quick 1)")
-    parser.add_argument("--sections", nargs="*", default=["inference", "training", "assign", "data", "eval"])
+    parser.add_argument(
+        "--sections", nargs="*", default=["inference", "runtimes", "training", "assign", "data", "eval"]
+    )
     parser.add_argument(
         "--compile",
         nargs="?",
@@ -619,6 +686,11 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=2, help="images per training step (default 2)")
     parser.add_argument("--models", nargs="*", default=None, help="model rows to run (name prefixes; default all)")
     parser.add_argument("--image-scale", type=float, default=1.0, help="scale the image sizes (smoke runs)")
+    parser.add_argument("--calib-images", type=int, default=8, help="runtimes: NNCF calibration images (generated)")
+    parser.add_argument("--nncf-preset", default="performance", help="runtimes: performance | mixed")
+    parser.add_argument("--ov-hint", default="LATENCY", help="runtimes: OpenVINO PERFORMANCE_HINT")
+    parser.add_argument("--ov-streams", type=int, default=None, help="runtimes: OpenVINO NUM_STREAMS")
+    parser.add_argument("--ov-static", action="store_true", help="runtimes: compile OpenVINO for the padded shape")
     args = parser.parse_args()
     device = torch.device(args.device)
     repeats = args.repeats or (1 if args.quick else 5)
@@ -640,6 +712,9 @@ def main() -> None:
                 name, batches, warmup, repeats, not args.quick, args.compile, device, peak, args.image_scale,
                 args.profile,
             )  # fmt: skip
+    if "runtimes" in sections:
+        for name in selected:
+            rows += bench_runtimes(name, [1] if args.quick else [1, 8], warmup, repeats, args)
     if "training" in sections:
         for name in models:
             rows += bench_training(name, warmup, repeats, not args.quick, device, args.train_batch, args.image_scale)

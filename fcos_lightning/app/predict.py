@@ -1,9 +1,11 @@
-"""Detection on image files with a checkpoint of ours: one JSON of detections and one picture per image.
+"""Detection on image files with a checkpoint of ours or an exported model: one JSON of detections and one
+picture per image.
 
 ``predict(cfg)`` is the application behind ``predict.py`` (configs meet code here and in ``app.py`` only).
 Images are decoded as RGB with their EXIF orientation applied (JPEG/PNG/WebP; grayscale, palette and RGBA
-become RGB), resized as the checkpoint's test pipeline does (overridable), padded to the network's stride
-multiple, and the detections are mapped back to original pixels.
+become RGB), resized as the checkpoint's (or sidecar's) test pipeline does (overridable; ``tta=true``: every test
+size and its mirror), padded to the network's stride multiple, and the detections are mapped back to original
+pixels, all by the :class:`~fcos_lightning.runtime.predictor.Predictor`.
 """
 
 from __future__ import annotations
@@ -17,14 +19,11 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torchvision.io import write_png
 
-from fcos_lightning.checkpoint import load_model
+from fcos_lightning.app.evaluate import model_path_of, tta_of
 from fcos_lightning.data.coco import CategoryMap, read_image
 from fcos_lightning.data.decode import BadImageError, quiet_tv_io
-from fcos_lightning.data.transforms import ResizeShortestEdge
 from fcos_lightning.evaluation.visualize import draw_detections
-from fcos_lightning.runtime.optimize import optimize_for_inference
-from fcos_lightning.runtime.precision import resolve_precision
-from fcos_lightning.runtime.predictor import Predictor
+from fcos_lightning.runtime.exported import load_predictor
 
 log = logging.getLogger("fcos_lightning.predict")
 
@@ -42,19 +41,6 @@ def list_images(path: str | Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {path}")
     return files
-
-
-def detect(predictor: Predictor, image: Tensor, resize: ResizeShortestEdge) -> dict[str, Tensor]:
-    """Detections of one uint8 RGB ``[3, H, W]`` image: boxes xyxy in its own pixels, scores, labels."""
-    orig = image.shape[-2:]
-    size = resize.get_output_shape(orig[0], orig[1], resize.min_sizes[0], resize.max_size)
-    if min(size) < 1:
-        raise ValueError(
-            f"a {orig[1]}x{orig[0]} image is too thin to resize: a side rounds to 0 px at test_min_size="
-            f"{resize.min_sizes[0]}, test_max_size={resize.max_size}"
-        )
-    resized = image if tuple(size) == tuple(orig) else resize(image)
-    return predictor([resized], orig_sizes=torch.tensor([list(orig)], device=predictor.device))[0]
 
 
 def detections_record(file: Path, image: Tensor, det: dict[str, Tensor], category_map: CategoryMap) -> dict:
@@ -76,8 +62,9 @@ def class_score_thresholds(
     score_thresh: float | str | None, ckpt: dict, category_map: CategoryMap, ckpt_path: str
 ) -> Tensor | None:
     """``[C]`` score threshold per class label: ``score_thresh`` for every class, or for ``auto`` the F1-best
-    thresholds of the validation the checkpoint was saved at (a class's own where the analysis gives one, the
-    global one otherwise); None keeps every detection the post-processing keeps."""
+    thresholds of the validation the checkpoint (or the export's sidecar, ``ckpt``) was saved at (a class's own
+    where the analysis gives one, the global one otherwise); None keeps every detection the post-processing
+    keeps."""
     if score_thresh is None:
         return None
     if score_thresh != "auto":
@@ -106,32 +93,32 @@ def describe_thresholds(thresh: Tensor, category_map: CategoryMap) -> str:
 
 
 def predict(cfg: DictConfig) -> list[dict]:
-    """Run ``cfg.ckpt_path`` on ``cfg.input`` (file or folder); writes ``<name>.json`` and ``<name>.png`` per
+    """Run ``cfg.model_path`` on ``cfg.input`` (file or folder); writes ``<name>.json`` and ``<name>.png`` per
     image into ``cfg.output`` and returns the JSON records."""
     files = list_images(cfg.input)
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
-    model, category_map, postprocessor, ckpt = load_model(cfg.ckpt_path, cfg.weights)
-    precision = resolve_precision(cfg.precision, "cpu" if device.type == "cpu" else "gpu")
-    # The fast path evaluate.py runs: BN folded, channels-last, conv weights in the autocast dtype.
-    model = optimize_for_inference(model.to(device), precision=precision)
-    predictor = Predictor(model, postprocessor, precision=precision)
-    test = ckpt["test_resize"] or {}
-    min_size = cfg.test_min_size if cfg.test_min_size is not None else test.get("min_size")
-    max_size = cfg.test_max_size if cfg.test_max_size is not None else test.get("max_size")
+    model_path = model_path_of(cfg)
+    # checkpoints run the fast path evaluate.py runs: BN folded, channels-last, conv weights in the autocast dtype
+    predictor, category_map, description = load_predictor(model_path, device, cfg.precision, weights=cfg.weights)
+    test = predictor.test_resize or (None, None)
+    min_size = cfg.test_min_size if cfg.test_min_size is not None else test[0]
+    max_size = cfg.test_max_size if cfg.test_max_size is not None else test[1]
     if min_size is None or max_size is None:
-        raise ValueError(f"{cfg.ckpt_path} records no test resize: set test_min_size= and test_max_size=")
-    resize = ResizeShortestEdge((int(min_size),), int(max_size), sample=False)
-    thresh = class_score_thresholds(cfg.score_thresh, ckpt, category_map, str(cfg.ckpt_path))
+        raise ValueError(f"{model_path} records no test resize: set test_min_size= and test_max_size=")
+    predictor.test_resize = (int(min_size), int(max_size))
+    tta = tta_of(cfg, predictor.test_resize)
+    thresh = class_score_thresholds(cfg.score_thresh, description, category_map, model_path)
     described = "all" if thresh is None else describe_thresholds(thresh, category_map)
-    log.info("%s: %d images, test resize %d/%d, score >= %s", cfg.ckpt_path, len(files), min_size, max_size, described)
+    log.info("%s: %d images, test resize %d/%d, score >= %s%s", model_path, len(files), min_size, max_size, described,
+             f", TTA {tta}" if tta else "")  # fmt: skip
     records, failed = [], []
     for file in files:
         try:
             image = read_image(str(file))
-            det = detect(predictor, image, resize)
+            det = predictor.detect([image], tta)[0]
         except (BadImageError, ValueError) as e:  # one bad file does not lose the folder
             log.error("%s: skipped: %s", file, e)
             failed.append(f"{file}: {e}")

@@ -149,9 +149,12 @@ def check_val_images(val: CocoDetection, num_workers: int) -> None:
 
 
 def data_source(data_cfg: DictConfig) -> dict:
-    """The val split and loader settings a checkpoint records (``evaluate.py``'s defaults for it)."""
+    """The val split and loader settings a checkpoint records (``evaluate.py``'s defaults for it), and the
+    training set (``export.py precision=int8`` calibrates on it)."""
     dm = data_cfg.datamodule
     return {
+        "train_ann_file": str(dm.train_ann_file),
+        "train_img_dir": str(dm.train_img_dir),
         "val_ann_file": str(dm.val_ann_file),
         "val_img_dir": str(dm.val_img_dir),
         "val_batch_size": int(dm.val_batch_size),

@@ -1,62 +1,91 @@
-"""The Predictor: uint8 images in, detections out.
+"""The Predictor: uint8 images in, detections out, over any backend (PyTorch eager, onnxruntime, OpenVINO).
 
-:class:`Predictor` pads a batch on the model's device and runs the network under the precision's autocast (bf16
-on CPUs with native bf16 and on GPUs, by ``precision=auto``), each image padded to its own stride multiple only
+:class:`Predictor` resizes (the test resize), pads, runs the backend's network
+(:mod:`~fcos_lightning.runtime.backends`) and decodes the whole batch at once with
+:class:`~fcos_lightning.fcos.decoder.FCOSDecoder`: only the network call differs between runtimes. With
+:class:`TestTimeAugmentation` it runs each test size and its horizontal mirror and merges the detections per
+class with NMS.
+Each image is seen padded to its own stride multiple only
 (:func:`~fcos_lightning.runtime.own_padding.detect_own_padded`), so its detections do not depend on the batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from torchvision.ops import batched_nms
 
 from fcos_lightning.data.collate import pad_images
+from fcos_lightning.data.transforms import ResizeShortestEdge
 from fcos_lightning.fcos.decoder import FCOSDecoder
-from fcos_lightning.fcos.postprocess import FCOSPostProcessor
+from fcos_lightning.fcos.postprocess import FCOSPostProcessor, per_image_rank
 from fcos_lightning.modeling.detector import FCOS
-from fcos_lightning.runtime.optimize import autocast, autocast_dtype
+from fcos_lightning.modeling.head import HeadOutputs
+from fcos_lightning.runtime.backends import TorchBackend
 from fcos_lightning.runtime.own_padding import detect_own_padded
-from fcos_lightning.runtime.precision import resolve_precision
+
+
+@dataclass(frozen=True)
+class TestTimeAugmentation:
+    """Test sizes (short sides, each capped by the test ``max_size``) and the horizontal mirror of each.
+
+    The detections of every view, in original-image pixels, are merged per image and class with NMS at the
+    post-processor's ``nms_thresh`` (torchvision ``batched_nms``), then the best ``max_detections`` kept."""
+
+    __test__ = False  # not a pytest class
+
+    min_sizes: tuple[int, ...]
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.min_sizes or any(int(s) <= 0 for s in self.min_sizes):
+            raise ValueError(f"tta min_sizes must be a non-empty list of positive sizes, got {list(self.min_sizes)}")
 
 
 class Predictor:
-    """Detections for uint8 RGB images at the network's input resolution.
+    """Detections for uint8 RGB images.
 
     Args:
-        model: the network (prepare it with :func:`optimize_for_inference` for speed).
-        postprocessor: decoding, NMS and rescaling settings.
-        precision: a Lightning precision or ``auto`` (:func:`~fcos_lightning.runtime.precision.resolve_precision`).
-        compile: wrap the network in ``torch.compile`` (the first calls compile; slower on the CPU measured, README);
-            a string picks its ``mode`` (``reduce-overhead``: CUDA graphs, one launch per network call on a GPU).
+        network: an :class:`FCOS` (run eagerly by :class:`TorchBackend`; prepare it with
+            :func:`~fcos_lightning.runtime.optimize.optimize_for_inference`) or a backend of an exported model.
+        postprocessor: decoding, NMS and rescaling settings (for a backend: give ``decoder`` instead).
+        precision, compile: of the :class:`TorchBackend` (``network`` an FCOS only).
+        decoder: the exported model's decoder (its strides, point offset and post-processing).
+        test_resize: ``(min_size, max_size)`` of :meth:`detect` (the checkpoint's or sidecar's test resize).
     """
 
     def __init__(
         self,
-        model: FCOS,
+        network: FCOS | object,
         postprocessor: FCOSPostProcessor | None = None,
         precision: str = "auto",
         compile: bool | str = False,
+        decoder: FCOSDecoder | None = None,
+        test_resize: tuple[int, int] | None = None,
     ) -> None:
-        self.model = model.eval()
-        self.decoder = FCOSDecoder.for_model(model, postprocessor)
-        device = next(model.parameters()).device
-        self.device = device
-        self.precision = resolve_precision(precision, "cpu" if device.type == "cpu" else "gpu")
-        stray = {m.weight.dtype for m in model.modules() if isinstance(m, nn.Conv2d)}
-        stray -= {torch.float32, autocast_dtype(self.precision)}
-        if stray:
-            raise ValueError(
-                f"the model's convolution weights are {sorted(map(str, stray))} but precision {self.precision!r} "
-                "computes in another dtype; pass the same precision to optimize_for_inference(precision=...)"
-            )
-        mode = compile if isinstance(compile, str) else None
-        self.network = torch.compile(model, dynamic=False, mode=mode) if compile else model
+        if isinstance(network, FCOS):
+            self.model = network
+            self.backend = TorchBackend(network, precision, compile)
+            self.precision = self.backend.precision
+            self.decoder = decoder or FCOSDecoder.for_model(network, postprocessor)
+        else:
+            if decoder is None:
+                raise ValueError("a Predictor over an exported model's backend needs its decoder")
+            self.backend, self.decoder, self.precision = network, decoder, getattr(network, "name", "exported")
+        self.device = self.backend.device
+        self.size_divisibility = self.backend.size_divisibility
+        self.test_resize = None if test_resize is None else (int(test_resize[0]), int(test_resize[1]))
 
     def pad(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Zero-pad ``[3, H, W]`` uint8 images into one batch on the model's device (:func:`pad_images`)."""
-        return pad_images(images, self.model.size_divisibility, self.device)
+        return pad_images(images, self.size_divisibility, self.device)
+
+    def network(self, batch: Tensor, image_sizes: Tensor) -> HeadOutputs:
+        """The one network call of every path: a padded batch and its valid sizes -> raw head outputs."""
+        return self.backend(batch, image_sizes)
 
     @torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every use
     def __call__(
@@ -65,20 +94,80 @@ class Predictor:
         image_sizes: Tensor | None = None,
         orig_sizes: Tensor | None = None,
     ) -> list[dict[str, Tensor]]:
-        """A list of ``[3, H, W]`` uint8 images (padded here), or an already padded ``[B, 3, H, W]`` batch with
-        its ``image_sizes``; ``orig_sizes`` rescales the boxes to the images before resizing."""
+        """Images already at the network's input resolution: a list of ``[3, H, W]`` uint8 images (padded
+        here), or a padded ``[B, 3, H, W]`` batch with its ``image_sizes``; ``orig_sizes`` rescales the boxes to
+        the images before resizing."""
         if isinstance(images, Tensor) and images.ndim == 4:
             if image_sizes is None:
                 image_sizes = torch.tensor([images.shape[-2:]] * images.shape[0], device=self.device)
             batch = images.to(self.device, non_blocking=True)
         else:
             batch, image_sizes = self.pad(images)
+        if orig_sizes is not None:
+            orig_sizes = orig_sizes.to(image_sizes.device)
         detections, _ = detect_own_padded(
-            self.forward, self.decoder, batch, image_sizes, self.model.size_divisibility, orig_sizes
+            self.forward, self.decoder, batch, image_sizes, self.size_divisibility, orig_sizes
         )
         return detections
 
-    def forward(self, batch: Tensor, image_sizes: Tensor):
-        """The network's raw outputs for a padded batch: the one place the network runs."""
-        with autocast(self.precision, self.device):
-            return self.network(batch, image_sizes)
+    def forward(self, batch: Tensor, image_sizes: Tensor) -> HeadOutputs:
+        """The network's raw outputs for a padded batch: the one place the network runs (on the backend)."""
+        return self.backend(batch, image_sizes)
+
+    def detect(self, images: Sequence[Tensor], tta: TestTimeAugmentation | None = None) -> list[dict[str, Tensor]]:
+        """Detections of original-size ``[3, H, W]`` uint8 images, boxes in their own pixels: each image is
+        resized as the test pipeline resizes (``test_resize``), or to every view of ``tta`` and merged."""
+        if self.test_resize is None:
+            raise ValueError("Predictor.detect needs test_resize=(min_size, max_size)")
+        min_size, max_size = self.test_resize
+        orig = torch.tensor([list(im.shape[-2:]) for im in images], dtype=torch.int64)
+        if tta is None:
+            return self(resized(images, min_size, max_size), orig_sizes=orig)
+        views = []
+        for size in tta.min_sizes:
+            scaled = resized(images, int(size), max_size)
+            views.append(self(scaled, orig_sizes=orig))
+            if tta.flip:
+                mirrored = self([im.flip(-1) for im in scaled], orig_sizes=orig)
+                views.append([mirror_boxes(d, int(w)) for d, w in zip(mirrored, orig[:, 1].tolist(), strict=True)])
+        return self.merge(views)
+
+    def merge(self, views: Sequence[Sequence[dict[str, Tensor]]]) -> list[dict[str, Tensor]]:
+        """Per-image detections of several views (same images, original pixels) merged by class-aware NMS."""
+        post = self.decoder.postprocessor
+        per_image = [[view[i] for view in views] for i in range(len(views[0]))]
+        boxes = torch.cat([d["boxes"] for dets in per_image for d in dets])
+        scores = torch.cat([d["scores"] for dets in per_image for d in dets])
+        labels = torch.cat([d["labels"] for dets in per_image for d in dets])
+        counts = torch.tensor([sum(len(d["scores"]) for d in dets) for dets in per_image])
+        images = torch.repeat_interleave(torch.arange(len(per_image)), counts).to(boxes.device)
+        num_classes = int(labels.max()) + 1 if labels.numel() else 1
+        keep = batched_nms(boxes, scores, images * num_classes + labels, post.nms_thresh)  # score-descending
+        keep = keep[per_image_rank(images[keep], len(per_image)) < post.max_detections]
+        order = keep[torch.argsort(images[keep], stable=True)]
+        split = torch.bincount(images[order], minlength=len(per_image)).tolist()
+        return [
+            {"boxes": b, "scores": s, "labels": lab}
+            for b, s, lab in zip(boxes[order].split(split), scores[order].split(split), labels[order].split(split))
+        ]
+
+
+def resized(images: Sequence[Tensor], min_size: int, max_size: int) -> list[Tensor]:
+    """Each ``[3, H, W]`` uint8 image resized as the test pipeline does (:class:`ResizeShortestEdge`)."""
+    resize = ResizeShortestEdge((int(min_size),), int(max_size), sample=False)
+    out = []
+    for im in images:
+        size = resize.get_output_shape(int(im.shape[-2]), int(im.shape[-1]), int(min_size), int(max_size))
+        if min(size) < 1:
+            raise ValueError(
+                f"a {im.shape[-1]}x{im.shape[-2]} image is too thin to resize: a side rounds to 0 px at test "
+                f"min_size={min_size}, max_size={max_size}"
+            )
+        out.append(im if tuple(size) == tuple(im.shape[-2:]) else resize(im))
+    return out
+
+
+def mirror_boxes(det: dict[str, Tensor], width: int) -> dict[str, Tensor]:
+    """Detections of a horizontally mirrored image mapped back onto the image (``width`` its width in px)."""
+    boxes = det["boxes"]
+    return {**det, "boxes": torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), 1)}

@@ -95,3 +95,20 @@ class RankMetricsProbe(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture(scope="package")
+def tiny_trained_ckpt(tiny_demo, tiny_cfg, tmp_path_factory) -> Path:
+    """``last.ckpt`` of the tiny demo run trained for 24 steps on :func:`tiny_demo` (it records its training
+    set, which int8 exports calibrate on)."""
+    from fcos_lightning.app.train import train
+
+    run = tmp_path_factory.mktemp("tiny_trained") / "run"
+    overrides = [
+        "schedule.max_iter=24",
+        "schedule.val_interval=24",
+        "schedule.warmup_iters=4",
+        "schedule.milestones=[20]",
+    ]
+    train(tiny_cfg(tiny_demo, run, *overrides))
+    return run / "checkpoints" / "last.ckpt"

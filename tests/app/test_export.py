@@ -11,10 +11,14 @@ import time
 import pytest
 import torch
 
+from fcos_lightning.app.evaluate import evaluate
 from fcos_lightning.app.export import export
 from fcos_lightning.checkpoint import load_model
 from fcos_lightning.fcos.decoder import FCOSDecoder
-from fcos_lightning.runtime.onnx import OnnxFCOS, check_against_pytorch, sample_batch
+from fcos_lightning.runtime.backends import OnnxRuntimeBackend
+from fcos_lightning.runtime.check import check_against_pytorch
+from fcos_lightning.runtime.onnx import sample_batch
+from fcos_lightning.runtime.predictor import Predictor
 
 SIZES = [[192, 256], [256, 160], [150, 211]]
 
@@ -54,16 +58,16 @@ def test_onnx_detections_equal_pytorch_at_several_sizes(exported, tiny_ckpt):
     assert [c["size"] for c in report["checks"]] == SIZES
     assert json.loads((tmp_path / "export" / "tiny.json").read_text())["outputs"] == report["outputs"]
     speed = report["speed"]
-    assert "PyTorch" in log_text and "onnxruntime" in log_text and speed["size"] == [192, 256]
-    assert speed["pytorch_over_onnxruntime"] == pytest.approx(speed["pytorch_ms"] / speed["onnxruntime_ms"])
+    assert "PyTorch" in log_text and "onnx fp32" in log_text and speed["size"] == [192, 256]
+    assert speed["pytorch_over_export"] == pytest.approx(speed["pytorch_fp32_ms"] / speed["export_ms"])
     # the medians are of 3 timed runs (plus a warm-up) each, all inside the export() call: in milliseconds
-    assert 0 < 3 * (speed["pytorch_ms"] + speed["onnxruntime_ms"]) / 1e3 < wall
+    assert 0 < 3 * (speed["pytorch_fp32_ms"] + speed["export_ms"]) / 1e3 < wall
     print(f"\nspeed: {report['speed']}")
 
     # independently of export()'s own check: detections through onnxruntime vs the PyTorch pipeline
     model, _, postprocessor, _ = load_model(tiny_ckpt)
     decoder = FCOSDecoder.for_model(model, postprocessor)
-    runner = OnnxFCOS(report["onnx"], decoder)
+    runner = Predictor(OnnxRuntimeBackend(tmp_path / "export" / "tiny.onnx", 32), decoder=decoder)
     for h, w in SIZES:
         images, image_sizes = sample_batch(h, w, model.size_divisibility, seed=h)
         with torch.no_grad():
@@ -83,10 +87,95 @@ def test_onnx_detections_equal_pytorch_at_several_sizes(exported, tiny_ckpt):
 
 
 def test_export_check_fails_loudly_on_a_mismatch(exported, tiny_ckpt):
-    report = exported[0]
     model, _, postprocessor, _ = load_model(tiny_ckpt)
     with torch.no_grad():
         model.head.bbox_pred.bias.add_(0.5)  # PyTorch model now differs from the exported one
-    runner = OnnxFCOS(report["onnx"], FCOSDecoder.for_model(model, postprocessor))
-    with pytest.raises(RuntimeError, match=r"ONNX mismatch at 128x128: box_reg"):
-        check_against_pytorch(model, runner, [[128, 128]])
+    backend = OnnxRuntimeBackend(exported[1] / "export" / "tiny.onnx", model.size_divisibility)
+    decoder = FCOSDecoder.for_model(model, postprocessor)
+    with pytest.raises(RuntimeError, match=r"onnx fp32 mismatch at 128x128: box_reg"):
+        check_against_pytorch(model, backend, decoder, [[128, 128]], name="onnx fp32")
+
+
+def test_int8_export_runs_through_evaluate(tiny_ckpt, tiny_demo, compose_cfg, tmp_path):
+    """int8 (NNCF, calibrated on the tiny demo's training images, as the sidecar records) through evaluate.py."""
+    out = tmp_path / "int8"
+    cfg = compose_cfg(
+        "export",
+        [
+            f"ckpt_path={tiny_ckpt}",
+            "format=openvino",
+            "precision=int8",
+            "check_sizes=[[192,224]]",
+            "bench_size=[192,224]",
+            "bench_runs=1",
+            "calibration.num_images=4",
+            f"calibration.ann_file={tiny_demo / 'annotations' / 'instances_train.json'}",
+            f"calibration.img_dir={tiny_demo / 'train'}",
+            "tolerance.int8.min_match=0.3",  # random weights: many detections near a tie, which 8 bits reorder
+        ],  # fmt: skip
+        out,
+    )
+    sidecar = export(cfg)
+    assert (out / "model.xml").is_file() and (out / "model.bin").is_file()
+    assert sidecar["precision"] == "int8" and sidecar["calibration"]["num_images"] == 4
+    val = [
+        f"data.val.ann_file={tiny_demo / 'annotations' / 'instances_val.json'}",
+        f"data.val.img_dir={tiny_demo / 'val'}",
+    ]
+    ecfg = compose_cfg(
+        "evaluate", [f"model_path={out / 'model.xml'}", "trainer.enable_progress_bar=false", *val], tmp_path / "eval"
+    )
+    metrics = evaluate(ecfg)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["num_images"] == written["num_images"] == 5 and 0 <= written["AP"] <= 100
+
+
+def test_a_bad_model_path_fails_naming_it(compose_cfg, tmp_path):
+    missing = tmp_path / "model.xml"
+    with pytest.raises(FileNotFoundError, match=f"model_path not found: {missing}"):
+        evaluate(compose_cfg("evaluate", [f"model_path={missing}"], tmp_path / "eval"))
+
+
+@pytest.mark.slow
+def test_openvino_exports_run_through_evaluate(tiny_trained_ckpt, tiny_demo, compose_cfg, tmp_path):
+    """fp32 ONNX scores the AP the checkpoint scores (same resize, padding and decoding); OpenVINO bf16 and an
+    int8 export calibrated on the run's own training images give an AP through evaluate.py too."""
+    scored = {}
+    for fmt, precision in [("onnx", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]:
+        out = tmp_path / f"{fmt}_{precision}"
+        cfg = compose_cfg(
+            "export",
+            [
+                f"ckpt_path={tiny_trained_ckpt}",
+                f"format={fmt}",
+                f"precision={precision}",
+                "check_sizes=[[192,224]]",
+                "bench_size=[192,224]",
+                "bench_runs=1",
+                "calibration.num_images=6",
+            ],  # fmt: skip
+            out,
+        )
+        sidecar = export(cfg)
+        model_path = out / sidecar["model_file"]
+        assert sidecar["test_resize"] == {"min_size": 192, "max_size": 400} and sidecar["strides"] == [8, 16, 32]
+        if precision == "int8":
+            assert sidecar["calibration"]["num_images"] == 6
+        ecfg = compose_cfg(
+            "evaluate", [f"model_path={model_path}", "trainer.enable_progress_bar=false"], tmp_path / f"eval_{fmt}"
+        )
+        metrics = evaluate(ecfg)
+        assert metrics["num_images"] == 5
+        detections = json.loads((tmp_path / f"eval_{fmt}" / "detections.json").read_text())
+        assert detections and {d["category_id"] for d in detections} <= {2, 5, 9}
+        scored[precision] = metrics["AP"]
+    reference = evaluate(
+        compose_cfg(
+            "evaluate",
+            [f"ckpt_path={tiny_trained_ckpt}", "trainer.precision=32-true", "trainer.enable_progress_bar=false"],
+            tmp_path / "eval_ckpt",
+        )
+    )
+    print(f"\nAP: checkpoint {reference['AP']:.2f}, exports {scored}")
+    assert scored["fp32"] == pytest.approx(reference["AP"], abs=0.05)
+    assert 0 <= scored["int8"] <= 100 and 0 <= scored["bf16"] <= 100

@@ -3,60 +3,23 @@
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
 from torchvision.ops import box_iou
 
 from fcos_lightning.data.collate import pad_images
-from fcos_lightning.fcos.criterion import FCOSCriterion
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
-from fcos_lightning.modeling.backbones import TimmBackbone
-from fcos_lightning.modeling.detector import FCOS
-from fcos_lightning.modeling.head import FCOSHead
 from fcos_lightning.runtime.optimize import fold_batch_norms, optimize_for_inference
 from fcos_lightning.runtime.own_padding import own_padded_groups
 from fcos_lightning.runtime.predictor import Predictor
 
-STEPS = 60
-NUM_CLASSES = 3  # the classes of the two_images fixture
-
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def tiny_fcos(norm: str = "BN", name: str = "resnet18") -> FCOS:
-    narrow = {"channels": [16, 32, 64, 128], "stem_width": 16} if name == "resnet18" else {}
-    backbone = TimmBackbone(name, out_indices=(2, 3, 4), norm=norm, freeze_at=0, model_kwargs=narrow)
-    head = functools.partial(FCOSHead, norm="GN", num_cls_convs=2, num_box_convs=2)
-    return FCOS(backbone, head, NUM_CLASSES, fpn_channels=64, top_levels=2)
-
-
-@pytest.fixture(scope="module")
-def trained(two_images):
-    """A narrow FCOS trained on two generated images until it detects their five boxes confidently (~5 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module-scoped, so set up before the single_thread fixture applies
-    torch.manual_seed(0)
-    model = tiny_fcos()
-    images, boxes, labels = two_images
-    criterion = FCOSCriterion.for_model(model)
-    targets = [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels, strict=True)]
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    model.train()
-    for _ in range(STEPS):
-        out = model(images)
-        losses = criterion(out, targets)
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
-    torch.set_num_threads(threads)
-    return model.eval(), images, boxes, labels
 
 
 @pytest.mark.parametrize("name", ["resnet18", "ese_vovnet19b_slim"])  # VoVNet: timm's BN+ReLU in one module
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
-def test_folding_batch_norms_keeps_the_function(norm, name, two_images):
+def test_folding_batch_norms_keeps_the_function(norm, name, two_images, tiny_fcos):
     torch.manual_seed(1)
     model = tiny_fcos(norm, name).eval()
     for m in model.modules():  # non-trivial statistics, so folding has something to get right
@@ -75,7 +38,7 @@ def test_folding_batch_norms_keeps_the_function(norm, name, two_images):
                 torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-4)
 
 
-def test_predictor_pads_and_matches_the_batched_input():
+def test_predictor_pads_and_matches_the_batched_input(tiny_fcos):
     model = optimize_for_inference(tiny_fcos())
     predictor = Predictor(model, precision="32-true")
     images = [
@@ -112,7 +75,7 @@ def test_bf16_finds_the_same_top_detections_as_fp32(trained):
         torch.testing.assert_close(low["scores"][best.indices], top["scores"], rtol=0, atol=0.05)
 
 
-def test_weights_stored_in_the_autocast_dtype_give_identical_outputs():
+def test_weights_stored_in_the_autocast_dtype_give_identical_outputs(tiny_fcos):
     """Casting conv weights once equals autocast casting them at every call, bit for bit; a model so cast
     is refused by a full-precision Predictor instead of failing inside a convolution."""
     model = optimize_for_inference(tiny_fcos())
@@ -129,7 +92,7 @@ def test_weights_stored_in_the_autocast_dtype_give_identical_outputs():
         Predictor(cast, precision="32-true")
 
 
-def test_detections_do_not_depend_on_the_batch():
+def test_detections_do_not_depend_on_the_batch(tiny_fcos):
     """Images of different sizes get the same detections alone and in one batch: each is seen padded to its
     own stride multiple only (padding to the batch's largest image changes GroupNorm statistics and borders)."""
     torch.manual_seed(2)
