@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from fcos_lightning.app.train import train
-from fcos_lightning.data.decode import BadImageError
 
 SHORT = ["schedule.max_iter=8", "schedule.val_interval=8", "schedule.warmup_iters=2", "schedule.milestones=[7]"]
 
@@ -30,10 +29,12 @@ def damaged(tiny_demo_copy) -> tuple[Path, list[int], list[str]]:
 
 
 def test_error_policy_stops_naming_the_file(damaged, tiny_cfg, tmp_path):
+    """Caught when the dataset is built (image headers are read then), before any step: no checkpoint."""
     root, ids, names = damaged
-    with pytest.raises(BadImageError, match=r"demo_train_\d+\.(jpg|png) \(image id \d+\)") as e:
+    with pytest.raises(ValueError, match=r"image id \d+: \S*demo_train_\d+\.(jpg|png): unreadable") as e:
         train(tiny_cfg(root, tmp_path / "run", *SHORT, "data.on_bad_image=error"))
-    assert any(name in str(e.value) for name in names)
+    assert any(name in str(e.value) for name in names) and "data.on_bad_image=skip" in str(e.value)
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
 def test_skip_policy_finishes_and_reports_two_skipped(damaged, tiny_cfg, tmp_path):
