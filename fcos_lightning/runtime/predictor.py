@@ -99,9 +99,9 @@ class Predictor:
         image_sizes: Tensor | None = None,
         orig_sizes: Tensor | None = None,
     ) -> list[dict[str, Tensor]]:
-        """Images already at the network's input resolution: a list of ``[3, H, W]`` uint8 or float 0-255 images (padded
-        here), or a padded ``[B, 3, H, W]`` batch with its ``image_sizes``; ``orig_sizes`` rescales the boxes to
-        the images before resizing."""
+        """Images already at the network's input resolution: a list of ``[3, H, W]`` uint8 or float 0-255 images
+        (padded here), or a padded ``[B, 3, H, W]`` batch with its ``image_sizes``; ``orig_sizes`` rescales the
+        boxes to the images before resizing. Each image is seen padded to its own stride multiple only."""
         if isinstance(images, Tensor) and images.ndim == 4:
             if image_sizes is None:
                 image_sizes = torch.tensor([images.shape[-2:]] * images.shape[0], device=self.device)
@@ -111,13 +111,9 @@ class Predictor:
         if orig_sizes is not None:
             orig_sizes = orig_sizes.to(image_sizes.device)
         detections, _ = detect_own_padded(
-            self.forward, self.decoder, batch, image_sizes, self.size_divisibility, orig_sizes
+            self.network, self.decoder, batch, image_sizes, self.size_divisibility, orig_sizes
         )
         return detections
-
-    def forward(self, batch: Tensor, image_sizes: Tensor) -> HeadOutputs:
-        """The network's raw outputs for a padded batch: the one place the network runs (on the backend)."""
-        return self.backend(batch, image_sizes)
 
     def detect(self, images: Sequence[Tensor], tta: TestTimeAugmentation | None = None) -> list[dict[str, Tensor]]:
         """Detections of original-size ``[3, H, W]`` uint8 images, boxes in their own pixels: each image is
