@@ -10,7 +10,9 @@ with ``torch.load(weights_only=True)``:
 - ``postprocess``: :class:`~fcos_lightning.fcos.postprocess.FCOSPostProcessor` arguments;
 - ``criterion``: the loss and assignment settings it was trained with
   (:meth:`~fcos_lightning.fcos.criterion.FCOSCriterion.settings`);
-- ``test_resize``: ``{"min_size", "max_size"}`` of the evaluation resize (None when unknown);
+- ``test_resize``: ``{"min_size", "max_size", "style"}`` of the evaluation resize (None when unknown); ``style``
+  (:class:`~fcos_lightning.data.transforms.ResizeShortestEdge`): ``detectron2``, or ``torchvision`` for
+  converted torchvision files; added later, so :func:`migrate` fills in ``detectron2`` where a file lacks it;
 - ``source``: where the weights came from: ``{"kind": "trained", "output_dir", "init_from", "data"}`` or
   ``{"kind": "converted", "format", "file", "dropped_keys", "filled_keys", "data"}``; ``data`` names the val
   split (``val_ann_file``, ``val_img_dir``) and its loader settings (``val_batch_size``, ``num_workers``);
@@ -73,7 +75,7 @@ def checkpoint_header(
     classes: CategoryMap,
     postprocessor: FCOSPostProcessor,
     criterion: Mapping[str, Any],
-    test_resize: Mapping[str, int] | None,
+    test_resize: Mapping[str, Any] | None,
     source: Mapping[str, Any],
     score_thresholds: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -84,10 +86,16 @@ def checkpoint_header(
         "classes": classes.to_dict(),
         "postprocess": postprocessor.settings(),
         "criterion": dict(criterion),
-        "test_resize": None if test_resize is None else {k: int(v) for k, v in test_resize.items()},
+        "test_resize": None if test_resize is None else _test_resize(test_resize),
         "source": dict(source),
         "score_thresholds": None if score_thresholds is None else dict(score_thresholds),
     }
+
+
+def _test_resize(test_resize: Mapping[str, Any]) -> dict[str, Any]:
+    """``test_resize`` with integer sizes and its ``style`` (``detectron2`` when absent)."""
+    sizes = {k: int(v) for k, v in test_resize.items() if k != "style"}
+    return {**sizes, "style": str(test_resize.get("style", "detectron2"))}
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -157,7 +165,8 @@ def migrate(ckpt: Mapping[str, Any], path: str = "checkpoint") -> dict[str, Any]
         missing = [k for k in HEADER_KEYS if k not in ckpt]
         if missing:
             raise ValueError(f"{path}: format {FORMAT_VERSION} checkpoint without {missing}")
-        return {**OPTIONAL_KEYS, **ckpt}
+        resize = ckpt["test_resize"]
+        return {**OPTIONAL_KEYS, **ckpt, "test_resize": None if resize is None else _test_resize(resize)}
     if version == 0:
         return _from_version_0(ckpt, path)
     raise ValueError(
@@ -216,7 +225,7 @@ def _from_version_0(ckpt: Mapping[str, Any], path: str) -> dict[str, Any]:
             "inclusive_ranges": True,
             "box_quality": "ctrness",
         },
-        "test_resize": {"min_size": datamodule["test_min_size"], "max_size": datamodule["test_max_size"]},
+        "test_resize": _test_resize({"min_size": datamodule["test_min_size"], "max_size": datamodule["test_max_size"]}),
         "source": source,
         **OPTIONAL_KEYS,
     }

@@ -34,7 +34,7 @@ def test_version_0_checkpoint_loads_as_the_network_that_wrote_it(v0_checkpoint):
         "inclusive_ranges": True,
         "box_quality": "ctrness",
     }
-    assert ckpt["test_resize"] == {"min_size": 192, "max_size": 400}
+    assert ckpt["test_resize"] == {"min_size": 192, "max_size": 400, "style": "detectron2"}
     assert ckpt["source"]["kind"] == "trained" and ckpt["source"]["migrated_from_format"] == 0
     assert ckpt["source"]["data"] == {
         "val_ann_file": "data/demo/annotations/instances_val.json",
@@ -62,6 +62,9 @@ def test_a_saved_checkpoint_rebuilds_its_network_alone(tmp_path, v0_checkpoint):
     assert {k: v for k, v in again.items() if k != "state_dict"} == {k: v for k, v in ckpt.items() if k != "state_dict"}
     network = build_model(again["model"])
     assert model_description(network) == again["model"]
+    # a format-1 file written before test_resize had a style resizes as detectron2 does
+    old = migrate({**ckpt, "test_resize": {"min_size": 192, "max_size": 400}})
+    assert old["test_resize"] == {"min_size": 192, "max_size": 400, "style": "detectron2"}
 
 
 def test_unknown_versions_and_foreign_files_are_refused(tmp_path, v0_checkpoint):

@@ -30,7 +30,7 @@ from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.files import write_json_atomic
 from fcos_lightning.lightning.datamodule import COCODataModule
 from fcos_lightning.lightning.module import FCOSLitModule, validation_metrics
-from fcos_lightning.runtime.exported import EXPORT_SUFFIXES, load_predictor
+from fcos_lightning.runtime.exported import EXPORT_SUFFIXES, load_predictor, resize_style_of
 from fcos_lightning.runtime.optimize import optimize_for_inference
 from fcos_lightning.runtime.precision import resolve_precision
 from fcos_lightning.runtime.predictor import TestTimeAugmentation
@@ -166,8 +166,8 @@ def val_datamodule(
     cfg: DictConfig, ckpt: dict, size_divisibility: int, model_path: str | None = None
 ) -> COCODataModule:
     """The val split of ``cfg.data`` (each null key: what the checkpoint or sidecar ``ckpt`` records), resized
-    as the checkpoint's test pipeline. The class map is read from the val file, as the train files may be
-    absent."""
+    as the checkpoint's test pipeline (its sizes and ``style``). The class map is read from the val file, as the
+    train files may be absent."""
     recorded = ckpt["source"].get("data", {})
     resize = ckpt["test_resize"] or {}
 
@@ -185,6 +185,7 @@ def val_datamodule(
         val_img_dir=img_dir,
         test_min_size=pick(cfg.data.test_min_size, resize.get("min_size"), "data.test_min_size"),
         test_max_size=pick(cfg.data.test_max_size, resize.get("max_size"), "data.test_max_size"),
+        test_resize_style=resize_style_of(ckpt),
         val_batch_size=pick(cfg.data.val_batch_size, recorded.get("val_batch_size", 1), "data.val_batch_size"),
         num_workers=pick(cfg.data.num_workers, recorded.get("num_workers", 2), "data.num_workers"),
         size_divisibility=size_divisibility,

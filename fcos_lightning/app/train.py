@@ -184,7 +184,7 @@ def build_module(
     return build(cfg.module, _partial_=True)(
         model=model,
         category_map=category_map.to_dict(),
-        test_resize={"min_size": int(dm.test_min_size), "max_size": int(dm.test_max_size)},
+        test_resize={"min_size": dm.test_min_size, "max_size": dm.test_max_size, "style": dm.test_resize_style},
         source=source,
         evaluator=evaluator,
         output_dir=cfg.output_dir,

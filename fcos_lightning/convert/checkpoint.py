@@ -106,6 +106,7 @@ def torchvision_overrides() -> list[str]:
     return [
         "model=r50",
         "data=coco",
+        "data.datamodule.test_resize_style=torchvision",  # its detection transform's resize, not detectron2's
         "model.backbone.pretrained=false",
         "model.backbone.weights=null",
         "model.backbone.stride_in_1x1=false",

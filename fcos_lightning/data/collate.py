@@ -17,12 +17,14 @@ __all__ = ["Collator", "pad_images"]
 
 
 def pad_images(images: Sequence[Tensor], divisor: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """``[3, H, W]`` uint8 images zero-padded bottom/right into a ``[B, 3, H', W']`` batch on ``device`` whose
-    sides are multiples of ``divisor`` (no rounding for 0 or 1), and their ``[B, 2]`` (h, w) sizes."""
+    """``[3, H, W]`` images (uint8, or float32 0-255 from a torchvision-style resize) zero-padded bottom/right into
+    a ``[B, 3, H', W']`` batch on ``device`` whose sides are multiples of ``divisor`` (no rounding for 0 or 1),
+    and their ``[B, 2]`` (h, w) sizes. The batch is float32 if any image is."""
     sizes = torch.tensor([img.shape[-2:] for img in images], dtype=torch.int64)
     d = max(int(divisor), 1)
     h, w = (-(-int(s) // d) * d for s in sizes.max(dim=0).values)
-    batch = torch.zeros((len(images), 3, h, w), dtype=torch.uint8, device=device)
+    dtype = torch.float32 if any(img.is_floating_point() for img in images) else torch.uint8
+    batch = torch.zeros((len(images), 3, h, w), dtype=dtype, device=device)
     for i, img in enumerate(images):
         batch[i, :, : img.shape[-2], : img.shape[-1]].copy_(img, non_blocking=True)
     return batch, sizes.to(device)
@@ -33,7 +35,8 @@ class Collator:
 
     Output (plain tensors, lists and dicts, so Lightning moves it to the device):
 
-    - ``images`` uint8 ``[B,3,Hp,Wp]``, zero-padded bottom/right to multiples of ``size_divisibility``;
+    - ``images`` uint8 ``[B,3,Hp,Wp]`` (float32 0-255 after a torchvision-style resize), zero-padded bottom/right
+      to multiples of ``size_divisibility``;
     - ``image_sizes`` int64 ``[B,2]``: (h, w) of each resized image before padding;
     - ``orig_sizes`` int64 ``[B,2]``: (h, w) of each decoded image before resizing;
     - ``image_ids`` int64 ``[B]``;
@@ -52,9 +55,9 @@ class Collator:
             raise ValueError("Collator got an empty list of samples")
         images = [s["image"] for s in samples]
         for s, img in zip(samples, images):
-            if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != 3:
+            if img.dtype not in (torch.uint8, torch.float32) or img.ndim != 3 or img.shape[0] != 3:
                 raise ValueError(
-                    f"image id {s.get('image_id')}: expected a uint8 [3,H,W] image, got {img.dtype} "
+                    f"image id {s.get('image_id')}: expected a uint8 or float32 [3,H,W] image, got {img.dtype} "
                     f"{list(img.shape)}"
                 )
         batch, image_sizes = pad_images(images, self.size_divisibility)

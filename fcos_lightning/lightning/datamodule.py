@@ -16,7 +16,13 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from fcos_lightning.data.coco import ON_BAD_IMAGE, CategoryMap, CocoDetection, OnBadImage
 from fcos_lightning.data.collate import Collator
 from fcos_lightning.data.samplers import AspectRatioGroupedBatchSampler, InferenceSampler, dist_info
-from fcos_lightning.data.transforms import build_test_transforms, build_train_transforms, too_thin
+from fcos_lightning.data.transforms import (
+    RESIZE_STYLES,
+    ResizeStyle,
+    build_test_transforms,
+    build_train_transforms,
+    too_thin,
+)
 from fcos_lightning.data.validate import no_batch_reason
 
 __all__ = ["COCODataModule"]
@@ -30,6 +36,8 @@ class COCODataModule(pl.LightningDataModule):
     object for COCOeval. Validation shards contiguously with repeats to equal length
     (:class:`InferenceSampler`): de-duplicate predictions by image id. ``on_bad_image`` (``error`` | ``skip``)
     applies to training images; a bad validation image always stops (skipping it would bias AP).
+    ``test_resize_style``: how validation images are resized (``style`` of
+    :class:`~fcos_lightning.data.transforms.ResizeShortestEdge`; ``torchvision`` for converted torchvision checkpoints).
     """
 
     def __init__(
@@ -42,6 +50,7 @@ class COCODataModule(pl.LightningDataModule):
         train_max_size: int = 1333,
         test_min_size: int = 800,
         test_max_size: int = 1333,
+        test_resize_style: ResizeStyle = "detectron2",
         hflip_prob: float = 0.5,
         batch_size: int = 2,
         val_batch_size: int = 1,
@@ -65,6 +74,11 @@ class COCODataModule(pl.LightningDataModule):
         self.train_max_size = int(train_max_size)
         self.test_min_size = int(test_min_size)
         self.test_max_size = int(test_max_size)
+        if test_resize_style not in RESIZE_STYLES:
+            raise ValueError(
+                f"data.datamodule.test_resize_style must be one of {list(RESIZE_STYLES)}, got {test_resize_style!r}"
+            )
+        self.test_resize_style: ResizeStyle = test_resize_style
         self.hflip_prob = float(hflip_prob)
         if batch_size < 1 or val_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {val_batch_size}")
@@ -113,7 +127,7 @@ class COCODataModule(pl.LightningDataModule):
             val = CocoDetection(
                 self.val_ann_file,
                 self.val_img_dir,
-                transforms=build_test_transforms(self.test_min_size, self.test_max_size),
+                transforms=build_test_transforms(self.test_min_size, self.test_max_size, self.test_resize_style),
                 train=False,
             )
             if val.category_map != self.category_map:
@@ -122,7 +136,9 @@ class COCODataModule(pl.LightningDataModule):
                     f"{self.val_ann_file} {val.category_map.to_dict()}"
                 )
             self.val_dataset = val
-            _check_resizable(val, self.test_min_size, self.test_max_size, "test_min_size", "test_max_size")
+            _check_resizable(
+                val, self.test_min_size, self.test_max_size, "test_min_size", "test_max_size", self.test_resize_style
+            )
 
     def _loader_kwargs(self) -> dict:
         workers = self.num_workers > 0
@@ -173,12 +189,18 @@ class COCODataModule(pl.LightningDataModule):
         )
 
 
-def _check_resizable(ds: CocoDetection, short_edge: int, max_size: int, short_key: str, max_key: str) -> None:
+def _check_resizable(
+    ds: CocoDetection,
+    short_edge: int,
+    max_size: int,
+    short_key: str,
+    max_key: str,
+    style: ResizeStyle = "detectron2",
+) -> None:
     """ValueError naming the images whose resized side would round to 0 px (:func:`too_thin`)."""
     infos = [ds.img_info(i) for i in range(len(ds))]
-    bad = [
-        infos[i] for i in too_thin([im["height"] for im in infos], [im["width"] for im in infos], short_edge, max_size)
-    ]
+    heights, widths = [im["height"] for im in infos], [im["width"] for im in infos]
+    bad = [infos[i] for i in too_thin(heights, widths, short_edge, max_size, style)]
     if bad:
         shown = ", ".join(f"image id {im['id']} ({im['width']}x{im['height']})" for im in bad[:5])
         raise ValueError(

@@ -73,7 +73,7 @@ class FCOSLitModule(pl.LightningModule):
             optimizer's.
         lr_schedule: the factor of the learning rate at each optimizer step
             (:mod:`fcos_lightning.lightning.optim`); default: AdelaiDet's 1x multi-step schedule.
-        test_resize: ``{"min_size", "max_size"}`` of the evaluation resize, and source: where the weights come
+        test_resize: ``{"min_size", "max_size", "style"}`` of the evaluation resize, and source: where the weights come
             from (:mod:`fcos_lightning.checkpoint`); both saved in every checkpoint with the network's
             description, so that ``evaluate.py`` and ``predict.py`` rebuild the model from the checkpoint alone.
         evaluator: scores the validation detections (update / compute / reset); None: validation computes the
@@ -101,7 +101,7 @@ class FCOSLitModule(pl.LightningModule):
         optimizer: OptimizerFactory = ADELAIDET_SGD,
         weight_decay_norm: float = 0.0,
         lr_schedule: Callable[[int], float] = ADELAIDET_1X,
-        test_resize: Mapping[str, int] | None = None,
+        test_resize: Mapping[str, Any] | None = None,
         source: Mapping[str, Any] | None = None,
         evaluator: COCOEvaluator | None = None,
         num_vis_images: int = 4,
@@ -238,7 +238,10 @@ class FCOSLitModule(pl.LightningModule):
             pred = {k: v.detach().cpu() for k, v in det.items()}
             pred["boxes"] = pred["boxes"] * scale.cpu()  # back to the resized image the picture shows
             gt = {k: v.detach().cpu() for k, v in batch["targets"][i].items()}
-            self._vis.append((batch["images"][i, :, :h, :w].cpu(), gt, pred))
+            image = batch["images"][i, :, :h, :w].cpu()
+            if image.is_floating_point():  # a torchvision-style resize keeps 0-255 floats
+                image = image.round().clamp(0, 255).to(torch.uint8)
+            self._vis.append((image, gt, pred))
 
     def _log_images(self, analysis: Analysis | None) -> None:
         """The detection grid and the evaluation pictures to every logger, and as PNG files in the run dir:

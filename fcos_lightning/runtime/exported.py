@@ -19,6 +19,7 @@ import torch
 
 from fcos_lightning.checkpoint import load_model
 from fcos_lightning.data.coco import CategoryMap
+from fcos_lightning.data.transforms import RESIZE_STYLES, ResizeStyle
 from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
 from fcos_lightning.runtime.backends import OPENVINO_PRECISIONS, OnnxRuntimeBackend, OpenVINOBackend
@@ -91,7 +92,15 @@ def load_predictor(
         precision = resolve_precision(precision, "cpu" if device.type == "cpu" else "gpu")
         model = optimize_for_inference(model.to(device), precision=precision, cpu_micro_batch=cpu_micro_batch)
         return LoadedPredictor(
-            Predictor(model, postprocessor, precision=precision, test_resize=test_resize_of(ckpt)), classes, ckpt
+            Predictor(
+                model,
+                postprocessor,
+                precision=precision,
+                test_resize=test_resize_of(ckpt),
+                resize_style=resize_style_of(ckpt),
+            ),
+            classes,
+            ckpt,
         )
     if suffix not in EXPORT_SUFFIXES:
         raise ValueError(
@@ -105,7 +114,9 @@ def load_predictor(
     else:
         backend = OpenVINOBackend(path, d, OPENVINO_PRECISIONS[info["precision"]], threads, **(openvino or {}))
     decoder = FCOSDecoder(info["strides"], info["point_offset"], FCOSPostProcessor(**info["postprocess"]))
-    predictor = Predictor(backend, decoder=decoder, test_resize=test_resize_of(info))
+    predictor = Predictor(
+        backend, decoder=decoder, test_resize=test_resize_of(info), resize_style=resize_style_of(info)
+    )
     return LoadedPredictor(predictor, CategoryMap.from_dict(info["classes"]), info)
 
 
@@ -115,3 +126,11 @@ def test_resize_of(description: dict[str, Any]) -> tuple[int, int] | None:
     if resize.get("min_size") is None or resize.get("max_size") is None:
         return None
     return int(resize["min_size"]), int(resize["max_size"])
+
+
+def resize_style_of(description: dict[str, Any]) -> ResizeStyle:
+    """How a checkpoint or sidecar resizes (``test_resize.style``; ``detectron2`` for files without it)."""
+    style = (description.get("test_resize") or {}).get("style", "detectron2")
+    if style not in RESIZE_STYLES:
+        raise ValueError(f"test_resize.style must be one of {list(RESIZE_STYLES)}, got {style!r}")
+    return style

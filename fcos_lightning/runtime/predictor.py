@@ -19,7 +19,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from fcos_lightning.data.collate import pad_images
-from fcos_lightning.data.transforms import ResizeShortestEdge
+from fcos_lightning.data.transforms import ResizeShortestEdge, ResizeStyle
 from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor, per_image_rank
 from fcos_lightning.modeling.detector import FCOS
@@ -55,6 +55,8 @@ class Predictor:
         precision, compile: of the :class:`TorchBackend` (``network`` an FCOS only).
         decoder: the exported model's decoder (its strides, point offset and post-processing).
         test_resize: ``(min_size, max_size)`` of :meth:`detect` (the checkpoint's or sidecar's test resize).
+        resize_style: how :meth:`detect` resizes (:class:`ResizeShortestEdge` ``style``; the checkpoint's or
+            sidecar's ``test_resize.style``).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class Predictor:
         compile: bool | str = False,
         decoder: FCOSDecoder | None = None,
         test_resize: tuple[int, int] | None = None,
+        resize_style: ResizeStyle = "detectron2",
     ) -> None:
         if isinstance(network, FCOS):
             self.model = network
@@ -78,9 +81,11 @@ class Predictor:
         self.device = self.backend.device
         self.size_divisibility = self.backend.size_divisibility
         self.test_resize = None if test_resize is None else (int(test_resize[0]), int(test_resize[1]))
+        self.resize_style: ResizeStyle = resize_style
 
     def pad(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """Zero-pad ``[3, H, W]`` uint8 images into one batch on the model's device (:func:`pad_images`)."""
+        """Zero-pad ``[3, H, W]`` uint8 (or float 0-255) images into one batch on the model's device
+        (:func:`pad_images`)."""
         return pad_images(images, self.size_divisibility, self.device)
 
     def network(self, batch: Tensor, image_sizes: Tensor) -> HeadOutputs:
@@ -94,9 +99,9 @@ class Predictor:
         image_sizes: Tensor | None = None,
         orig_sizes: Tensor | None = None,
     ) -> list[dict[str, Tensor]]:
-        """Images already at the network's input resolution: a list of ``[3, H, W]`` uint8 images (padded
-        here), or a padded ``[B, 3, H, W]`` batch with its ``image_sizes``; ``orig_sizes`` rescales the boxes to
-        the images before resizing."""
+        """Images already at the network's input resolution: a list of ``[3, H, W]`` uint8 or float 0-255 images
+        (padded here), or a padded ``[B, 3, H, W]`` batch with its ``image_sizes``; ``orig_sizes`` rescales the
+        boxes to the images before resizing. Each image is seen padded to its own stride multiple only."""
         if isinstance(images, Tensor) and images.ndim == 4:
             if image_sizes is None:
                 image_sizes = torch.tensor([images.shape[-2:]] * images.shape[0], device=self.device)
@@ -106,13 +111,9 @@ class Predictor:
         if orig_sizes is not None:
             orig_sizes = orig_sizes.to(image_sizes.device)
         detections, _ = detect_own_padded(
-            self.forward, self.decoder, batch, image_sizes, self.size_divisibility, orig_sizes
+            self.network, self.decoder, batch, image_sizes, self.size_divisibility, orig_sizes
         )
         return detections
-
-    def forward(self, batch: Tensor, image_sizes: Tensor) -> HeadOutputs:
-        """The network's raw outputs for a padded batch: the one place the network runs (on the backend)."""
-        return self.backend(batch, image_sizes)
 
     def detect(self, images: Sequence[Tensor], tta: TestTimeAugmentation | None = None) -> list[dict[str, Tensor]]:
         """Detections of original-size ``[3, H, W]`` uint8 images, boxes in their own pixels: each image is
@@ -122,10 +123,10 @@ class Predictor:
         min_size, max_size = self.test_resize
         orig = torch.tensor([list(im.shape[-2:]) for im in images], dtype=torch.int64)
         if tta is None:
-            return self(resized(images, min_size, max_size), orig_sizes=orig)
+            return self(resized(images, min_size, max_size, self.resize_style), orig_sizes=orig)
         views = []
         for size in tta.min_sizes:
-            scaled = resized(images, int(size), max_size)
+            scaled = resized(images, int(size), max_size, self.resize_style)
             views.append(self(scaled, orig_sizes=orig))
             if tta.flip:
                 mirrored = self([im.flip(-1) for im in scaled], orig_sizes=orig)
@@ -152,12 +153,13 @@ class Predictor:
         ]
 
 
-def resized(images: Sequence[Tensor], min_size: int, max_size: int) -> list[Tensor]:
-    """Each ``[3, H, W]`` uint8 image resized as the test pipeline does (:class:`ResizeShortestEdge`)."""
-    resize = ResizeShortestEdge((int(min_size),), int(max_size), sample=False)
+def resized(images: Sequence[Tensor], min_size: int, max_size: int, style: ResizeStyle = "detectron2") -> list[Tensor]:
+    """Each ``[3, H, W]`` uint8 image resized as the test pipeline does (:class:`ResizeShortestEdge` of ``style``:
+    ``torchvision`` gives float 0-255 images)."""
+    resize = ResizeShortestEdge((int(min_size),), int(max_size), sample=False, style=style)
     out = []
     for im in images:
-        size = resize.get_output_shape(int(im.shape[-2]), int(im.shape[-1]), int(min_size), int(max_size))
+        size = resize.get_output_shape(int(im.shape[-2]), int(im.shape[-1]), int(min_size), int(max_size), style)
         if min(size) < 1:
             raise ValueError(
                 f"a {im.shape[-1]}x{im.shape[-2]} image is too thin to resize: a side rounds to 0 px at test "

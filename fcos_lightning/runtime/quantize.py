@@ -19,6 +19,7 @@ import torch
 
 from fcos_lightning.data.coco import CocoDetection
 from fcos_lightning.data.collate import pad_images
+from fcos_lightning.runtime.exported import resize_style_of
 from fcos_lightning.runtime.predictor import resized
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,12 @@ def quantize_openvino(ov_model, model, ckpt: Mapping[str, Any], calibration: Map
     indices = order[:count].tolist()
     resize = ckpt["test_resize"] or {}
     min_size, max_size = int(resize.get("min_size", 800)), int(resize.get("max_size", 1333))
+    style = resize_style_of(ckpt)
     divisor = model.size_divisibility
 
     def preprocess(index: int) -> dict[str, np.ndarray]:
         image = dataset.load(index)["image"].as_subclass(torch.Tensor)
-        batch, sizes = pad_images(resized([image], min_size, max_size), divisor)
+        batch, sizes = pad_images(resized([image], min_size, max_size, style), divisor)
         return {"images": batch.float().numpy(), "image_sizes": sizes.numpy()}
 
     scope = calibration["ignored_scope"]

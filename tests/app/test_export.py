@@ -158,7 +158,8 @@ def test_openvino_exports_run_through_evaluate(tiny_trained_ckpt, tiny_demo, com
         )
         sidecar = export(cfg)
         model_path = out / sidecar["model_file"]
-        assert sidecar["test_resize"] == {"min_size": 192, "max_size": 400} and sidecar["strides"] == [8, 16, 32]
+        assert sidecar["test_resize"] == {"min_size": 192, "max_size": 400, "style": "detectron2"}
+        assert sidecar["strides"] == [8, 16, 32]
         if precision == "int8":
             assert sidecar["calibration"]["num_images"] == 6
         ecfg = compose_cfg(

@@ -53,10 +53,15 @@ def test_size_divisibility_zero_pads_to_batch_max_only():
     assert batch["images"].shape == (2, 3, 61, 70)
 
 
-def test_picklable_and_rejects_non_uint8_images():
+def test_picklable_and_rejects_other_image_dtypes():
     clone = pickle.loads(pickle.dumps(Collator(128)))
     assert clone([_sample(10, 200, 1, 1)])["images"].shape == (1, 3, 128, 256)
+    resized = _sample(10, 10, 1, 1)  # a torchvision-style resize gives float32 0-255: kept, padded with 0
+    resized["image"] = resized["image"].float() + 0.5
+    images = Collator(32)([resized])["images"]
+    assert images.dtype == torch.float32 and torch.equal(images[0, :, :10, :10], resized["image"])
+    assert not images[0, :, 10:].any() and not images[0, :, :, 10:].any()
     bad = _sample(10, 10, 1, 1)
-    bad["image"] = bad["image"].float()
-    with pytest.raises(ValueError, match="uint8"):
+    bad["image"] = bad["image"].double()
+    with pytest.raises(ValueError, match="uint8 or float32 .*torch.float64"):
         Collator()([bad])

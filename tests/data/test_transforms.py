@@ -40,6 +40,30 @@ def test_output_shape_follows_detectron2(h, w, short, max_size, expected):
     assert out["boxes"].canvas_size == expected
 
 
+@pytest.mark.parametrize(("h", "w", "short", "max_size"), [(1024, 1280, 800, 1333), (1280, 720, 320, 512),
+                                                          (427, 640, 800, 1333), (100, 400, 800, 1333)])  # fmt: skip
+def test_torchvision_style_resizes_as_torchvision(h, w, short, max_size):
+    """Same size and, on the 0-255 float image, the same pixels as torchvision's detection transform (which
+    normalizes first: bilinear weights sum to 1, so resize and normalization commute up to rounding)."""
+    from torchvision.models.detection.transform import _resize_image_and_masks
+
+    sample = _sample(h, w, [[10, 20, 50, 60]])
+    out = ResizeShortestEdge((short,), max_size, sample=False, style="torchvision")(sample)
+    theirs, _ = _resize_image_and_masks(sample["image"].as_subclass(torch.Tensor).float(), short, max_size)
+    assert out["image"].dtype == torch.float32 and out["image"].shape == theirs.shape
+    assert ResizeShortestEdge.get_output_shape(h, w, short, max_size, "torchvision") == tuple(theirs.shape[-2:])
+    assert torch.equal(out["image"].as_subclass(torch.Tensor), theirs)
+    ratio = torch.tensor([theirs.shape[-1] / w, theirs.shape[-2] / h] * 2)  # torchvision's resize_boxes
+    torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor)[0], torch.tensor([10.0, 20, 50, 60]) * ratio)
+    antialiased = ResizeShortestEdge((short,), max_size, sample=False)(sample)["image"]
+    assert antialiased.dtype == torch.uint8
+
+
+def test_unknown_resize_style_is_refused():
+    with pytest.raises(ValueError, match="resize style must be one of .*'detectron2', 'torchvision'.*'pil'"):
+        ResizeShortestEdge((10,), 100, sample=False, style="pil")
+
+
 def test_resize_scales_boxes_and_passes_other_keys_through():
     sample = _sample(40, 60, [[6, 4, 30, 20], [0, 0, 60, 40]], labels=[2, 0])
     out = ResizeShortestEdge((80,), 1000, sample=False)(sample)
