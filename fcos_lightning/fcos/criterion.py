@@ -72,9 +72,10 @@ class FCOSCriterion:
         points = make_points(sizes, self.strides, self.point_offset, outputs.cls_logits[0].device)
         return self.assigner(points, [t["boxes"] for t in targets], [t["labels"] for t in targets], self.num_classes)
 
-    def __call__(self, outputs: Any, targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    def __call__(self, outputs: Any, targets: Sequence[Mapping[str, Tensor]], sync: bool = True) -> dict[str, Tensor]:
         """``outputs``: :class:`~fcos_lightning.modeling.head.HeadOutputs` (per-level ``[B, K, H, W]``);
-        ``targets``: per image ``{"boxes": [M, 4] xyxy pixels of the network input, "labels": [M]}``."""
+        ``targets``: per image ``{"boxes": [M, 4] xyxy pixels of the network input, "labels": [M]}``;
+        ``sync``: average the loss normalizers over DDP ranks (:class:`FCOSLoss`)."""
         gt = self.assign(outputs, targets)
         return self.loss(
             flatten_levels(outputs.cls_logits),
@@ -82,4 +83,5 @@ class FCOSCriterion:
             flatten_levels(outputs.centerness)[..., 0],
             gt.labels,
             gt.reg_targets,
+            sync,
         )

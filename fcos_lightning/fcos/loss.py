@@ -30,10 +30,10 @@ BoxQuality = Literal["ctrness", "iou"]
 BOX_QUALITIES = ("ctrness", "iou")
 
 
-def reduce_mean(value: Tensor) -> Tensor:
-    """Mean of a scalar over DDP ranks (identity when no process group is up)."""
+def reduce_mean(value: Tensor, sync: bool = True) -> Tensor:
+    """Mean of a scalar over DDP ranks (identity when no process group is up, or without ``sync``)."""
     value = value.detach().clone()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value = value / dist.get_world_size()
     return value
@@ -111,13 +111,21 @@ class FCOSLoss:
         self.focal_gamma = focal_gamma
 
     def __call__(
-        self, cls_logits: Tensor, box_reg: Tensor, centerness: Tensor, labels: Tensor, reg_targets: Tensor
+        self,
+        cls_logits: Tensor,
+        box_reg: Tensor,
+        centerness: Tensor,
+        labels: Tensor,
+        reg_targets: Tensor,
+        sync: bool = True,
     ) -> dict[str, Tensor]:
         """cls_logits ``[B, R, C]``, box_reg ``[B, R, 4]`` (stride units), centerness ``[B, R]`` (quality
-        logits), labels ``[B, R]`` and reg_targets ``[B, R, 4]`` from :class:`TargetAssigner`."""
+        logits), labels ``[B, R]`` and reg_targets ``[B, R, 4]`` from :class:`TargetAssigner`. ``sync=False``
+        keeps the normalizers of this process (a call every rank does not make the same number of times, such
+        as validation's per-size groups, must not all-reduce)."""
         cls_logits, box_reg, centerness = cls_logits.float(), box_reg.float(), centerness.float()
         pos = labels < self.num_classes  # [B, R]
-        num_pos = reduce_mean(pos.sum().float()).clamp(min=1.0)
+        num_pos = reduce_mean(pos.sum().float(), sync).clamp(min=1.0)
 
         one_hot = F.one_hot(labels, self.num_classes + 1)[..., : self.num_classes].to(cls_logits.dtype)
         loss_cls = (
@@ -136,7 +144,7 @@ class FCOSLoss:
         # parameter gets a (zero) gradient and DDP needs no find_unused_parameters.
         if self.box_quality == "ctrness":
             quality_targets = centerness_targets(pos_targets)
-            ctr_norm = reduce_mean(quality_targets.sum()).clamp(min=1e-6)
+            ctr_norm = reduce_mean(quality_targets.sum(), sync).clamp(min=1e-6)
             loss_box = (box_losses * quality_targets).sum() / ctr_norm
         else:
             quality_targets = ious.detach()

@@ -149,9 +149,9 @@ class FCOSLitModule(pl.LightningModule):
     def forward(self, images: Tensor, image_sizes: Tensor | None = None):
         return self.model(images, image_sizes)
 
-    def compute_loss(self, outputs, targets: list[dict]) -> dict[str, Tensor]:
-        """The criterion's loss terms and their sum ``loss``."""
-        losses = self.criterion(outputs, targets)
+    def compute_loss(self, outputs, targets: list[dict], sync: bool = True) -> dict[str, Tensor]:
+        """The criterion's loss terms and their sum ``loss`` (``sync``: normalizers averaged over ranks)."""
+        losses = self.criterion(outputs, targets, sync)
         losses["loss"] = losses["loss_cls"] + losses["loss_box"] + losses["loss_ctr"]
         return losses
 
@@ -184,7 +184,9 @@ class FCOSLitModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Each image is seen padded to its own stride multiple only (:func:`detect_own_padded`), so detections
         and AP do not depend on the batch size or the number of processes; the losses are the sub-batches'
-        losses weighted by their number of images."""
+        losses weighted by their number of images, each normalized on this process alone: ranks hold different
+        numbers of sizes, so a cross-rank reduction per sub-batch would wait forever (the logged means are
+        averaged over ranks once per step by ``sync_dist``)."""
         images, sizes = batch["images"], batch["image_sizes"]
         detections, groups = detect_own_padded(
             self, self.decoder, images, sizes, self.model.size_divisibility, batch["orig_sizes"]
@@ -192,7 +194,7 @@ class FCOSLitModule(pl.LightningModule):
         bs = images.shape[0]
         losses: dict[str, Tensor] = {}
         for index, outputs in groups:
-            group = self.compute_loss(outputs, [batch["targets"][i] for i in index.tolist()])
+            group = self.compute_loss(outputs, [batch["targets"][i] for i in index.tolist()], sync=False)
             for k, v in group.items():
                 losses[k] = losses.get(k, 0) + v * (len(index) / bs)
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=bs, sync_dist=True)
