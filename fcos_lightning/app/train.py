@@ -251,8 +251,8 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
 def train(cfg: DictConfig) -> float:
     """Train ``cfg``; returns the final ``val/AP`` (percent) so that sweepers can optimize it."""
     result = result_channel()
+    check_schedule(cfg.schedule)  # first: lr_schedule.* and optimizer.lr interpolate these keys
     check_config(cfg)
-    check_schedule(cfg.schedule)
     check_trainer_keys(cfg.trainer)
     world = world_size(cfg.trainer)
     output_dir = check_output_dir(cfg.output_dir)
