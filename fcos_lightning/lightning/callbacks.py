@@ -89,7 +89,7 @@ class SkippedImageCounter(pl.Callback):
 class SaveLast(pl.Callback):
     """Saves ``last.ckpt`` when training ends, so it holds the final step (``ModelCheckpoint`` saves only at
     validations: with 14 steps and validation every 10 it would hold step 10), and on a plain SIGTERM
-    (Lightning stops after the current batch) before the run exits.
+    (Lightning stops after the current batch) before the run exits. ``fast_dev_run`` saves nothing.
 
     ``dirpath``: where to write it; default: the ``ModelCheckpoint``'s directory, else
     ``<default_root_dir>/checkpoints``. Resume with ``ckpt_path=last`` (or ``auto``).
@@ -104,6 +104,8 @@ class SaveLast(pl.Callback):
         return os.path.join(dirpath or os.path.join(trainer.default_root_dir, "checkpoints"), self.filename)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run:  # a smoke run (debug=fast) writes no checkpoint, as Lightning's own callbacks
+            return
         trainer.save_checkpoint(self.path(trainer))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
