@@ -96,6 +96,7 @@ def test_export_check_fails_loudly_on_a_mismatch(exported, tiny_ckpt):
         check_against_pytorch(model, backend, decoder, [[128, 128]], name="onnx fp32")
 
 
+@pytest.mark.openvino
 def test_int8_export_runs_through_evaluate(tiny_ckpt, tiny_demo, compose_cfg, tmp_path):
     """int8 (NNCF, calibrated on the tiny demo's training images, as the sidecar records) through evaluate.py."""
     out = tmp_path / "int8"
@@ -137,6 +138,7 @@ def test_a_bad_model_path_fails_naming_it(compose_cfg, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.openvino
 def test_openvino_exports_run_through_evaluate(tiny_trained_ckpt, tiny_demo, compose_cfg, tmp_path):
     """fp32 ONNX scores the AP the checkpoint scores (same resize, padding and decoding); OpenVINO bf16 and an
     int8 export calibrated on the run's own training images give an AP through evaluate.py too."""

@@ -16,7 +16,7 @@ from fcos_lightning.runtime.onnx import export_onnx
 from fcos_lightning.runtime.optimize import optimize_for_inference
 from fcos_lightning.runtime.predictor import Predictor
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.openvino, pytest.mark.usefixtures("single_thread")]
 
 #: raw outputs: max |runtime - torch| / max(1, max |torch|) per output; int8 is what NNCF's 8-bit grid allows
 RAW_TOLERANCE = {"onnxruntime": 1e-4, "openvino fp32": 1e-4, "openvino bf16": 0.05, "openvino int8": 0.35}
