@@ -17,8 +17,8 @@ class NaNLossAtStep(FCOSLitModule):
         super().__init__(*args, **kwargs)
         self.nan_at_step = nan_at_step
 
-    def compute_loss(self, outputs, targets):
-        losses = super().compute_loss(outputs, targets)
+    def compute_loss(self, outputs, targets, sync=True):
+        losses = super().compute_loss(outputs, targets, sync)
         if self.training and self.global_step == self.nan_at_step:
             losses["loss_box"] = losses["loss_box"] * float("nan")
             losses["loss"] = losses["loss_cls"] + losses["loss_box"] + losses["loss_ctr"]
