@@ -14,10 +14,16 @@ from omegaconf import DictConfig, OmegaConf
 from fcos_lightning.checkpoint import load_model
 from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.files import write_json_atomic
-from fcos_lightning.runtime.backends import OPENVINO_PRECISIONS, OnnxRuntimeBackend, OpenVINOBackend
-from fcos_lightning.runtime.check import Tolerance, check_against_pytorch
+from fcos_lightning.runtime.backends import (
+    OPENVINO_PRECISIONS,
+    OnnxRuntimeBackend,
+    OnnxRuntimeDetector,
+    OpenVINOBackend,
+)
+from fcos_lightning.runtime.check import Tolerance, check_against_pytorch, check_graph_detections
 from fcos_lightning.runtime.exported import SIDECAR_VERSION, sidecar_path
-from fcos_lightning.runtime.onnx import export_onnx, output_names, sample_batch
+from fcos_lightning.runtime.onnx import DETECTION_OUTPUTS, export_onnx, output_names, sample_batch
+from fcos_lightning.runtime.quantize import calibration_samples, quantize_openvino
 
 log = logging.getLogger("fcos_lightning.export")
 
@@ -57,9 +63,15 @@ def export(cfg: DictConfig) -> dict:
     decoder = FCOSDecoder.for_model(model, postprocessor)
     d = model.size_divisibility
     path.parent.mkdir(parents=True, exist_ok=True)
+    nms = bool(cfg.get("nms", False))
+    if nms and (cfg.format, cfg.precision) != ("onnx", "fp32"):
+        raise ValueError(
+            f"nms=true (decoding and NMS in the graph) exports format=onnx precision=fp32, not "
+            f"format={cfg.format} precision={cfg.precision}"
+        )
     if cfg.format == "onnx":
-        export_onnx(model, path, cfg.opset)
-        network = OnnxRuntimeBackend(path, d)
+        export_onnx(model, path, cfg.opset, decoder if nms else None)
+        network = (OnnxRuntimeDetector if nms else OnnxRuntimeBackend)(path, d)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = export_onnx(model, Path(tmp) / "model.onnx", cfg.opset)
@@ -68,8 +80,12 @@ def export(cfg: DictConfig) -> dict:
     log.info("wrote %s (%s %s) from %s", path, cfg.format, cfg.precision, cfg.ckpt_path)
     tolerance = Tolerance(**OmegaConf.to_container(cfg.tolerance[cfg.precision]))
     name = f"{cfg.format} {cfg.precision}"
-    checks = check_against_pytorch(model, network, decoder, cfg.check_sizes, tolerance, name)
-    speed = compare_speed(model, network, cfg, ckpt)
+    if nms:
+        checks = check_graph_detections(model, network.detections, decoder, cfg.check_sizes, tolerance.box_tol, name)
+    else:
+        samples = check_samples(model, cfg, ckpt) if not tolerance.exact else []
+        checks = check_against_pytorch(model, network, decoder, cfg.check_sizes, tolerance, name, samples)
+    speed = compare_speed(model, network.detections if nms else network, cfg, ckpt)
     sidecar = {
         "sidecar_version": SIDECAR_VERSION,
         "model_file": path.name,
@@ -77,12 +93,27 @@ def export(cfg: DictConfig) -> dict:
         "precision": cfg.precision,
         "checkpoint": str(cfg.ckpt_path),
         "opset": cfg.opset,
+        "nms": nms,
         "inputs": {
             "images": "float32 [B,3,H,W] RGB 0-255, resized by test_resize, zero-padded bottom/right to a multiple "
             "of size_divisibility (normalization is inside the graph)",
             "image_sizes": "int64 [B,2] (h, w) of the valid region",
+            **(
+                {"orig_sizes": "int64 [B,2] (h, w) of the images before resizing: boxes come out in their pixels"}
+                if nms
+                else {}
+            ),
         },
-        "outputs": output_names(model.strides),
+        "outputs": DETECTION_OUTPUTS if nms else output_names(model.strides),
+        **(
+            {
+                "outputs_doc": "boxes float32 [B,D,4] xyxy, scores float32 [B,D], labels int64 [B,D] (0-based class "
+                "index into classes, -1 past the end), num_detections int64 [B]; each image's detections first, in "
+                "score order"
+            }
+            if nms
+            else {}
+        ),
         "strides": model.strides,
         "point_offset": model.point_offset,
         "size_divisibility": d,
@@ -102,6 +133,20 @@ def export(cfg: DictConfig) -> dict:
     return sidecar
 
 
+def check_samples(model, cfg: DictConfig, ckpt: dict) -> list:
+    """Up to ``cfg.check_images`` real images for the bf16/int8 check (the calibration split), or none when the
+    checkpoint records no training set that exists here (the check then uses the synthetic images alone)."""
+    count = int(cfg.get("check_images", 0))
+    if count <= 0:
+        return []
+    try:
+        _, samples = calibration_samples(model, ckpt, cfg.calibration, str(cfg.ckpt_path), count)
+    except (ValueError, FileNotFoundError) as e:
+        log.warning("checking against PyTorch on synthetic images only: %s", e)
+        return []
+    return list(samples)
+
+
 def write_openvino(onnx_path: Path, path: Path, cfg: DictConfig, ckpt: dict, model) -> None:
     """The ONNX graph converted to an OpenVINO IR at ``path``: fp32 weights for fp32 and bf16 (bf16 is
     OpenVINO's inference precision, set when it compiles), NNCF post-training quantization for int8."""
@@ -109,8 +154,6 @@ def write_openvino(onnx_path: Path, path: Path, cfg: DictConfig, ckpt: dict, mod
 
     ov_model = ov.convert_model(str(onnx_path))
     if cfg.precision == "int8":
-        from fcos_lightning.runtime.quantize import quantize_openvino
-
         ov_model = quantize_openvino(ov_model, model, ckpt, cfg.calibration, str(cfg.ckpt_path))
     ov.save_model(ov_model, str(path), compress_to_fp16=False)
 

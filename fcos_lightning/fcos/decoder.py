@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from fcos_lightning.fcos.points import make_points
-from fcos_lightning.fcos.postprocess import FCOSPostProcessor
+from fcos_lightning.fcos.points import level_points, make_points
+from fcos_lightning.fcos.postprocess import FCOSPostProcessor, PaddedDetections
 
 __all__ = ["FCOSDecoder"]
 
@@ -43,8 +44,18 @@ class FCOSDecoder:
         """``outputs``: :class:`~fcos_lightning.modeling.head.HeadOutputs`; ``image_sizes`` ``[B, 2]`` (h, w) of
         the network input before padding; ``orig_sizes`` ``[B, 2]`` of the original images, to which boxes are
         rescaled (None: boxes stay in network-input pixels)."""
-        sizes = [x.shape[-2:] for x in outputs.cls_logits]
-        points = make_points(sizes, self.strides, self.point_offset, outputs.cls_logits[0].device)
-        return self.postprocessor(
+        return self.padded(outputs, image_sizes, orig_sizes).unpad()
+
+    def padded(self, outputs: Any, image_sizes: Tensor, orig_sizes: Tensor | None = None) -> PaddedDetections:
+        """As :meth:`__call__`, as fixed-size tensors (what ``export.py nms=true`` traces into its graph)."""
+        if torch.jit.is_tracing():  # grids from the traced sizes, so the graph runs at any input size
+            points = [
+                level_points(x.shape[-2], x.shape[-1], s, self.point_offset, x.device)
+                for x, s in zip(outputs.cls_logits, self.strides, strict=True)
+            ]
+        else:
+            sizes = [x.shape[-2:] for x in outputs.cls_logits]
+            points = make_points(sizes, self.strides, self.point_offset, outputs.cls_logits[0].device)
+        return self.postprocessor.padded(
             outputs.cls_logits, outputs.box_reg, outputs.centerness, points, self.strides, image_sizes, orig_sizes
         )

@@ -5,7 +5,8 @@ padding, decoding, NMS, test-time augmentation) is the :class:`~fcos_lightning.r
 and the same for all. Each backend takes ``images`` ``[B, 3, H, W]`` (uint8 or float, RGB 0-255, padded
 bottom/right to a multiple of ``size_divisibility``) and ``image_sizes`` int64 ``[B, 2]`` (h, w) of the valid
 regions, and returns :class:`~fcos_lightning.modeling.head.HeadOutputs` (torch tensors, on ``device``).
-Exported graphs normalize inside (padding masked to the mean pixel, as :meth:`FCOS.normalize`).
+Exported graphs normalize inside (padding masked to the mean pixel, as :meth:`FCOS.normalize`). The one
+exception, :class:`OnnxRuntimeDetector`, runs a graph that decodes as well and returns detections.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from fcos_lightning.fcos.postprocess import PaddedDetections
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import HeadOutputs
 from fcos_lightning.runtime.optimize import autocast, autocast_dtype
 from fcos_lightning.runtime.precision import resolve_precision
 
-__all__ = ["OnnxRuntimeBackend", "OpenVINOBackend", "TorchBackend", "head_outputs"]
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeDetector", "OpenVINOBackend", "TorchBackend", "head_outputs"]
 
 
 def head_outputs(flat: Sequence[Tensor]) -> HeadOutputs:
@@ -81,13 +83,32 @@ class OnnxRuntimeBackend:
         self.session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
         self.size_divisibility = int(size_divisibility)
 
-    def run(self, images: Tensor, image_sizes: Tensor) -> list[Tensor]:
-        """The graph's outputs, in its order, as torch tensors."""
+    def run(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor | None = None) -> list[Tensor]:
+        """The graph's outputs, in its order, as torch tensors (``orig_sizes``: an ``nms=true`` graph's input)."""
         feed = {"images": images.float().cpu().numpy(), "image_sizes": image_sizes.to(torch.int64).cpu().numpy()}
+        if orig_sizes is not None:
+            feed["orig_sizes"] = orig_sizes.to(torch.int64).cpu().numpy()
         return [torch.from_numpy(a) for a in self.session.run(None, feed)]
 
     def __call__(self, images: Tensor, image_sizes: Tensor) -> HeadOutputs:
         return head_outputs(self.run(images, image_sizes))
+
+
+class OnnxRuntimeDetector(OnnxRuntimeBackend):
+    """onnxruntime on an ``export.py nms=true`` graph, which decodes too: :meth:`detections` replaces the
+    network call and the decoder (the :class:`~fcos_lightning.runtime.predictor.Predictor` calls it)."""
+
+    name = "onnxruntime (decoding in the graph)"
+
+    def detections(
+        self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor | None = None
+    ) -> list[dict[str, Tensor]]:
+        """Detections per image, boxes in ``orig_sizes`` pixels (None: the network input's)."""
+        outputs = self.run(images, image_sizes, image_sizes if orig_sizes is None else orig_sizes)
+        return PaddedDetections(*outputs).unpad()
+
+    def __call__(self, images: Tensor, image_sizes: Tensor) -> HeadOutputs:
+        raise TypeError(f"{self.name}: the graph returns detections, not head outputs; call detections()")
 
 
 #: OpenVINO ``INFERENCE_PRECISION_HINT`` of each export precision; int8 graphs compute their non-quantized

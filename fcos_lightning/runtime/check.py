@@ -51,14 +51,20 @@ def check_against_pytorch(
     sizes: Sequence[Sequence[int]],
     tolerance: Tolerance | None = None,
     name: str = "export",
+    samples: Sequence[tuple[Tensor, Tensor]] = (),
 ) -> list[dict]:
-    """Compare ``network`` (a backend) with ``model`` on a synthetic image of each ``(h, w)``.
+    """Compare ``network`` (a backend) with ``model`` on a synthetic image of each ``(h, w)`` and on
+    ``samples`` (real images, ``(batch, image_sizes)`` as the Predictor feeds them). ``min_match`` holds for
+    the confident detections of all images together.
 
     Raises ``RuntimeError`` describing the first mismatch (``name`` says which export)."""
     tolerance = tolerance or Tolerance()
-    results = []
-    for h, w in sizes:
-        images, image_sizes = sample_batch(int(h), int(w), model.size_divisibility)
+    inputs = [("synthetic", *sample_batch(int(h), int(w), model.size_divisibility)) for h, w in sizes]
+    inputs += [("real", images, image_sizes) for images, image_sizes in samples]
+    results, matched_all, total_all = [], 0, 0
+    for kind, images, image_sizes in inputs:
+        h, w = image_sizes[0].tolist()
+        where = f"{name} mismatch at a {kind} {h}x{w} image"
         ours = model(images, image_sizes)
         theirs = network(images, image_sizes)
         raw_err = 0.0
@@ -68,35 +74,74 @@ def check_against_pytorch(
                 bound = tolerance.rtol * max(1.0, b.abs().max().item())
                 if err > bound:
                     raise RuntimeError(
-                        f"{name} mismatch at {h}x{w}: {field} level {level}: shape {tuple(a.shape)} vs "
+                        f"{where}: {field} level {level}: shape {tuple(a.shape)} vs "
                         f"{tuple(b.shape)}, max abs diff {err:.3g} > {bound:.3g}"
                     )
                 raw_err = max(raw_err, err / max(1.0, b.abs().max().item()))
         det_torch = decoder(ours, image_sizes)[0]
         det_export = decoder(theirs, image_sizes)[0]
-        result = {"size": [int(h), int(w)], "detections": len(det_torch["boxes"]), "max_raw_rel_diff": raw_err}
+        result = {"image": kind, "size": [h, w], "detections": len(det_torch["boxes"]), "max_raw_rel_diff": raw_err}
         if tolerance.exact:
-            n = len(det_torch["boxes"])
-            if len(det_export["boxes"]) != n:
-                raise RuntimeError(f"{name} mismatch at {h}x{w}: {len(det_export['boxes'])} detections, PyTorch {n}")
-            box_err = match_detections(det_export, det_torch)
-            if box_err > tolerance.box_tol:
-                raise RuntimeError(
-                    f"{name} mismatch at {h}x{w}: a detection has no same-label counterpart within "
-                    f"{tolerance.box_tol} px (closest {box_err:.3g} px)"
-                )
-            result["max_box_diff"] = box_err
+            result["max_box_diff"] = compare_exact(det_export, det_torch, tolerance.box_tol, where)
         else:
             matched, total = matched_share(det_torch, det_export, tolerance.confident)
-            if total and matched / total < tolerance.min_match:
-                raise RuntimeError(
-                    f"{name} mismatch at {h}x{w}: {matched} of PyTorch's {total} detections scoring >= "
-                    f"{tolerance.confident} found (same label, IoU >= 0.9); at least {tolerance.min_match:.0%} needed"
-                )
+            matched_all, total_all = matched_all + matched, total_all + total
             result["confident_matched"] = [matched, total]
+        results.append(result)
+        log.info("%s = PyTorch on a %s %dx%d image: %s", name, kind, h, w, result)
+    if not tolerance.exact and total_all and matched_all / total_all < tolerance.min_match:
+        raise RuntimeError(
+            f"{name} mismatch: {matched_all} of PyTorch's {total_all} detections scoring >= {tolerance.confident} "
+            f"on {len(inputs)} images found (same label, IoU >= 0.9); at least {tolerance.min_match:.0%} needed"
+        )
+    return results
+
+
+@torch.no_grad()
+def check_graph_detections(
+    model: nn.Module,
+    graph: Callable[[Tensor, Tensor, Tensor], list[dict[str, Tensor]]],
+    decoder: FCOSDecoder,
+    sizes: Sequence[Sequence[int]],
+    box_tol: float = 0.01,
+    name: str = "export",
+) -> list[dict]:
+    """Compare a graph that decodes (``export.py nms=true``: ``graph(images, image_sizes, orig_sizes)`` ->
+    detections per image) with ``model`` + ``decoder`` on a synthetic image of each ``(h, w)``, its boxes
+    rescaled to 1.5x that size: the same detections, boxes within ``box_tol`` px, scores within 1e-4."""
+    results = []
+    for h, w in sizes:
+        images, image_sizes = sample_batch(int(h), int(w), model.size_divisibility)
+        orig_sizes = (image_sizes * 3) // 2
+        where = f"{name} mismatch at {h}x{w}"
+        ours = decoder(model(images, image_sizes), image_sizes, orig_sizes)[0]
+        theirs = graph(images, image_sizes, orig_sizes)[0]
+        box_err = compare_exact(theirs, ours, box_tol, where)
+        score_err = (
+            (theirs["scores"].sort().values - ours["scores"].sort().values).abs().max().item()
+            if len(ours["scores"])
+            else 0.0
+        )
+        if score_err > 1e-4:
+            raise RuntimeError(f"{where}: scores differ by up to {score_err:.3g}")
+        result = {"size": [int(h), int(w)], "detections": len(ours["boxes"]), "max_box_diff": box_err}
         results.append(result)
         log.info("%s = PyTorch at %dx%d: %s", name, h, w, result)
     return results
+
+
+def compare_exact(export: dict[str, Tensor], torch_det: dict[str, Tensor], box_tol: float, where: str) -> float:
+    """The largest box distance between two detection sets that must agree one to one (same count, every box
+    with a same-label counterpart within ``box_tol`` px); raises ``RuntimeError`` starting with ``where``."""
+    n = len(torch_det["boxes"])
+    if len(export["boxes"]) != n:
+        raise RuntimeError(f"{where}: {len(export['boxes'])} detections, PyTorch {n}")
+    box_err = match_detections(export, torch_det)
+    if box_err > box_tol:
+        raise RuntimeError(
+            f"{where}: a detection has no same-label counterpart within {box_tol} px (closest {box_err:.3g} px)"
+        )
+    return box_err
 
 
 def match_detections(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:

@@ -22,7 +22,12 @@ from fcos_lightning.data.coco import CategoryMap
 from fcos_lightning.data.transforms import RESIZE_STYLES, ResizeStyle
 from fcos_lightning.fcos.decoder import FCOSDecoder
 from fcos_lightning.fcos.postprocess import FCOSPostProcessor
-from fcos_lightning.runtime.backends import OPENVINO_PRECISIONS, OnnxRuntimeBackend, OpenVINOBackend
+from fcos_lightning.runtime.backends import (
+    OPENVINO_PRECISIONS,
+    OnnxRuntimeBackend,
+    OnnxRuntimeDetector,
+    OpenVINOBackend,
+)
 from fcos_lightning.runtime.optimize import optimize_for_inference
 from fcos_lightning.runtime.precision import resolve_precision
 from fcos_lightning.runtime.predictor import Predictor
@@ -110,7 +115,7 @@ def load_predictor(
     info = read_sidecar(path)
     d = int(info["size_divisibility"])
     if info["format"] == "onnx":
-        backend = OnnxRuntimeBackend(path, d, threads)
+        backend = (OnnxRuntimeDetector if info.get("nms") else OnnxRuntimeBackend)(path, d, threads)
     else:
         backend = OpenVINOBackend(path, d, OPENVINO_PRECISIONS[info["precision"]], threads, **(openvino or {}))
     decoder = FCOSDecoder(info["strides"], info["point_offset"], FCOSPostProcessor(**info["postprocess"]))

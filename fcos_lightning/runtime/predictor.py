@@ -21,7 +21,7 @@ from torchvision.ops import batched_nms
 from fcos_lightning.data.collate import pad_images
 from fcos_lightning.data.transforms import ResizeShortestEdge, ResizeStyle
 from fcos_lightning.fcos.decoder import FCOSDecoder
-from fcos_lightning.fcos.postprocess import FCOSPostProcessor, per_image_rank
+from fcos_lightning.fcos.postprocess import FCOSPostProcessor, best_per_image
 from fcos_lightning.modeling.detector import FCOS
 from fcos_lightning.modeling.head import HeadOutputs
 from fcos_lightning.runtime.backends import TorchBackend
@@ -110,9 +110,11 @@ class Predictor:
             batch, image_sizes = self.pad(images)
         if orig_sizes is not None:
             orig_sizes = orig_sizes.to(image_sizes.device)
-        detections, _ = detect_own_padded(
-            self.network, self.decoder, batch, image_sizes, self.size_divisibility, orig_sizes
-        )
+        if hasattr(self.backend, "detections"):  # a graph that decodes: the network call is the decoder's
+            forward, decode = (lambda x, _: x), self.backend.detections
+        else:
+            forward, decode = self.network, self.decoder
+        detections, _ = detect_own_padded(forward, decode, batch, image_sizes, self.size_divisibility, orig_sizes)
         return detections
 
     def detect(self, images: Sequence[Tensor], tta: TestTimeAugmentation | None = None) -> list[dict[str, Tensor]]:
@@ -144,13 +146,10 @@ class Predictor:
         images = torch.repeat_interleave(torch.arange(len(per_image)), counts).to(boxes.device)
         num_classes = int(labels.max()) + 1 if labels.numel() else 1
         keep = batched_nms(boxes, scores, images * num_classes + labels, post.nms_thresh)  # score-descending
-        keep = keep[per_image_rank(images[keep], len(per_image)) < post.max_detections]
-        order = keep[torch.argsort(images[keep], stable=True)]
-        split = torch.bincount(images[order], minlength=len(per_image)).tolist()
-        return [
-            {"boxes": b, "scores": s, "labels": lab}
-            for b, s, lab in zip(boxes[order].split(split), scores[order].split(split), labels[order].split(split))
-        ]
+        merged = best_per_image(
+            boxes[keep], scores[keep], labels[keep], images[keep], len(per_image), post.max_detections
+        )
+        return merged.unpad()
 
 
 def resized(images: Sequence[Tensor], min_size: int, max_size: int, style: ResizeStyle = "detectron2") -> list[Tensor]:

@@ -92,8 +92,59 @@ def test_export_check_fails_loudly_on_a_mismatch(exported, tiny_ckpt):
         model.head.bbox_pred.bias.add_(0.5)  # PyTorch model now differs from the exported one
     backend = OnnxRuntimeBackend(exported[1] / "export" / "tiny.onnx", model.size_divisibility)
     decoder = FCOSDecoder.for_model(model, postprocessor)
-    with pytest.raises(RuntimeError, match=r"onnx fp32 mismatch at 128x128: box_reg"):
+    with pytest.raises(RuntimeError, match=r"onnx fp32 mismatch at a synthetic 128x128 image: box_reg"):
         check_against_pytorch(model, backend, decoder, [[128, 128]], name="onnx fp32")
+
+
+def test_nms_graph_detects_as_pytorch_and_runs_through_evaluate(exported, tiny_ckpt, tiny_demo, compose_cfg, tmp_path):
+    """``nms=true``: decoding, NMS and the rescale in the graph; onnxruntime alone (no code of ours) gives
+    PyTorch's detections in original pixels for a batch of two sizes, and evaluate.py scores the AP of the
+    plain ONNX export."""
+    import onnxruntime as ort
+
+    sidecar = export(export_cfg(compose_cfg, tmp_path, tiny_ckpt, "nms=true"))
+    assert sidecar["nms"] and sidecar["outputs"] == ["boxes", "scores", "labels", "num_detections"]
+    assert [c["size"] for c in sidecar["checks"]] == SIZES and "orig_sizes" in sidecar["inputs"]
+    path = tmp_path / "export" / "tiny.onnx"
+
+    model, _, postprocessor, _ = load_model(tiny_ckpt)
+    decoder = FCOSDecoder.for_model(model, postprocessor)
+    big, sizes = sample_batch(256, 320, model.size_divisibility, seed=1)
+    small, _ = sample_batch(200, 250, model.size_divisibility, seed=2)
+    images = torch.cat((big, torch.nn.functional.pad(small, (0, 320 - small.shape[-1], 0, 256 - small.shape[-2]))))
+    image_sizes = torch.tensor([[256, 320], [200, 250]])
+    orig_sizes = torch.tensor([[512, 640], [150, 188]])
+    with torch.no_grad():
+        ref = decoder(model(images, image_sizes), image_sizes, orig_sizes)
+    feed = {"images": images.numpy(), "image_sizes": image_sizes.numpy(), "orig_sizes": orig_sizes.numpy()}
+    boxes, scores, labels, counts = ort.InferenceSession(str(path)).run(None, feed)
+    assert boxes.shape == (2, postprocessor.max_detections, 4) and counts.tolist() == [len(r["boxes"]) for r in ref]
+    for i, r in enumerate(ref):
+        n = int(counts[i])
+        assert n > 5 and (labels[i, n:] == -1).all() and not boxes[i, n:].any()
+        assert torch.equal(torch.from_numpy(labels[i, :n]), r["labels"])
+        torch.testing.assert_close(torch.from_numpy(boxes[i, :n]), r["boxes"], rtol=0, atol=1e-3)
+        torch.testing.assert_close(torch.from_numpy(scores[i, :n]), r["scores"], rtol=0, atol=1e-5)
+        assert (r["boxes"][:, 2:] <= orig_sizes[i].flip(0)).all(), "clipped to the original image"
+
+    val = [
+        f"data.val.ann_file={tiny_demo / 'annotations' / 'instances_val.json'}",
+        f"data.val.img_dir={tiny_demo / 'val'}",
+        "trainer.enable_progress_bar=false",
+        "num_pictures=0",
+    ]
+    aps = {
+        name: evaluate(compose_cfg("evaluate", [f"model_path={model_path}", *val], tmp_path / name))["AP"]
+        for name, model_path in [("nms", path), ("plain", exported[1] / "export" / "tiny.onnx")]
+    }
+    assert aps["nms"] == pytest.approx(aps["plain"], abs=0.01)
+
+
+def test_nms_graph_is_for_onnx_fp32(tiny_ckpt, compose_cfg, tmp_path):
+    cfg = export_cfg(compose_cfg, tmp_path, tiny_ckpt, "nms=true", "format=openvino", "precision=bf16")
+    cfg.output = None
+    with pytest.raises(ValueError, match="nms=true .* exports format=onnx precision=fp32, not format=openvino"):
+        export(cfg)
 
 
 @pytest.mark.openvino
@@ -119,6 +170,8 @@ def test_int8_export_runs_through_evaluate(tiny_ckpt, tiny_demo, compose_cfg, tm
     sidecar = export(cfg)
     assert (out / "model.xml").is_file() and (out / "model.bin").is_file()
     assert sidecar["precision"] == "int8" and sidecar["calibration"]["num_images"] == 4
+    kinds = [c["image"] for c in sidecar["checks"]]
+    assert kinds[0] == "synthetic" and kinds.count("real") == 8, "checked on the calibration split's images too"
     val = [
         f"data.val.ann_file={tiny_demo / 'annotations' / 'instances_val.json'}",
         f"data.val.img_dir={tiny_demo / 'val'}",

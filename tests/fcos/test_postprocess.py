@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fcos_lightning.fcos.points import make_points
-from fcos_lightning.fcos.postprocess import FCOSPostProcessor, per_image_rank
+from fcos_lightning.fcos.postprocess import FCOSPostProcessor, best_per_image
 
 NUM_CLASSES = 3
 STRIDES = [8, 16]
@@ -157,7 +157,18 @@ def test_bf16_inputs_match_fp32():
         torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-6)
 
 
-def test_per_image_rank():
-    ranks = per_image_rank(torch.tensor([1, 0, 1, 1, 0, 2]), batch=3)
-    assert ranks.tolist() == [0, 0, 1, 2, 1, 0]
-    assert per_image_rank(torch.zeros(0, dtype=torch.int64), batch=2).numel() == 0
+def test_best_per_image_keeps_the_given_order_per_image_and_pads():
+    boxes = torch.arange(24, dtype=torch.float).reshape(6, 4)
+    scores = torch.tensor([0.9, 0.8, 0.8, 0.7, 0.6, 0.5])  # in NMS order; a tie keeps its order
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    det = best_per_image(boxes, scores, labels, torch.tensor([1, 0, 1, 1, 0, 2]), batch=4, k=2)
+    assert det.counts.tolist() == [2, 2, 1, 0]
+    assert det.labels.tolist() == [[1, 1], [0, 2], [2, -1], [-1, -1]]
+    torch.testing.assert_close(det.scores, torch.tensor([[0.8, 0.6], [0.9, 0.8], [0.5, 0.0], [0.0, 0.0]]))
+    assert torch.equal(det.boxes[1], boxes[[0, 2]]) and torch.equal(det.boxes[2, 0], boxes[5])
+    assert not det.boxes[2, 1].any() and not det.boxes[3].any()
+    lists = det.unpad()
+    assert [len(d["boxes"]) for d in lists] == [2, 2, 1, 0]
+    assert torch.equal(lists[2]["boxes"], boxes[[5]])
+    empty = best_per_image(boxes[:0], scores[:0], labels[:0], labels[:0], batch=2, k=3)
+    assert empty.counts.tolist() == [0, 0] and empty.boxes.shape == (2, 3, 4)
