@@ -6,9 +6,12 @@ leaves (the classifier collapses, the loss sits on a plateau) without a single N
 training loss once per window of steps (the per-step values are accumulated on the device, so no step waits for
 the GPU) and warns, naming the step:
 
-- a spike: a step whose loss exceeds ``spike_factor`` times the mean of the previous window;
-- a stall: a window mean, ``stall_after`` steps or more into training, at least ``stall_ratio`` times the mean
-  of the first window.
+- a spike: a step whose loss exceeds ``spike_factor`` times the mean of the previous window (in the first
+  window, times that window's lowest loss);
+- a stall: a window mean, ``stall_after`` steps or more into training, at least ``stall_ratio`` times the
+  starting loss: the lowest step loss of the first window. Not its mean: a run that diverges in its first steps
+  (the demo at 64x its learning rate, unclipped: a first-window mean of 9.7, then a plateau near 7 while a healthy
+  run is near 1) has a mean that hides the plateau, and no earlier window to call the blow-up a spike against.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class LossWatch(pl.Callback):
     Args:
         window: steps per reading of the loss.
         spike_factor: a step's loss above this times the previous window's mean is a spike.
-        stall_ratio: a window mean at least this times the first window's mean is a stall ...
+        stall_ratio: a window mean at least this times the starting loss is a stall ...
         stall_after: ... once training is this many steps in.
         max_warnings: warnings of each kind at most (the log stays readable).
     """
@@ -52,7 +55,7 @@ class LossWatch(pl.Callback):
             )
         self.window, self.spike_factor, self.stall_ratio = window, spike_factor, stall_ratio
         self.stall_after, self.max_warnings = stall_after, max_warnings
-        self.first_mean: float | None = None
+        self.start: float | None = None
         self.previous_mean: float | None = None
         self.warnings = {"spike": 0, "stall": 0}
         self._reset()
@@ -62,6 +65,7 @@ class LossWatch(pl.Callback):
         self._count = 0
         self._max: Tensor | None = None
         self._max_step: Tensor | None = None
+        self._min: Tensor | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -72,37 +76,43 @@ class LossWatch(pl.Callback):
         self._sum = self._sum + loss
         self._count += 1
         if self._max is None:
-            self._max, self._max_step = loss, step
+            self._max, self._max_step, self._min = loss, step, loss
         else:
             higher = loss > self._max
             self._max, self._max_step = torch.where(higher, loss, self._max), torch.where(higher, step, self._max_step)
+            self._min = torch.minimum(self._min, loss)
         if self._count == self.window:
-            self.check(float(self._sum) / self._count, float(self._max), int(self._max_step), trainer.global_step)
+            readings = torch.stack((self._sum / self._count, self._max, self._min)).tolist()  # one host sync
+            self.check(*readings[:2], int(self._max_step), trainer.global_step, readings[2])
             self._reset()
 
-    def check(self, mean: float, peak: float, peak_step: int, step: int) -> None:
-        """One window's reading: its mean and highest loss (at ``peak_step``), ending at ``step``."""
-        if self.first_mean is None:
-            self.first_mean = mean
-        elif self.previous_mean is not None and peak > self.spike_factor * self.previous_mean:
+    def check(self, mean: float, peak: float, peak_step: int, step: int, low: float | None = None) -> None:
+        """One window's reading: its mean, highest loss (at ``peak_step``) and lowest loss, ending at ``step``."""
+        low = mean if low is None else low
+        if self.start is None:
+            self.start = low
+            reference, what = low, f"the lowest loss {low:.4g} of the first {self.window} steps"
+        else:
+            reference, what = self.previous_mean, f"the mean {self.previous_mean:.4g} of the {self.window} steps before"
+        if peak > self.spike_factor * reference:
             self._warn(
                 "spike",
-                "training loss spiked to %.4g at step %d, %.1fx the mean %.4g of the %d steps before; %s",
+                "training loss spiked to %.4g at step %d, %.1fx %s; %s",
                 peak,
                 peak_step,
-                peak / self.previous_mean,
-                self.previous_mean,
-                self.window,
+                peak / reference,
+                what,
                 ADVICE,
             )
-        if step >= self.stall_after and mean >= self.stall_ratio * self.first_mean:
+        if step >= self.stall_after and mean >= self.stall_ratio * self.start:
             self._warn(
                 "stall",
-                "training loss stalls: mean %.4g over steps %d-%d, not below the %.4g of the first %d steps; %s",
+                "training loss stalls: mean %.4g over steps %d-%d, not below the starting loss %.4g (the lowest of "
+                "the first %d steps); %s",
                 mean,
                 step - self.window + 1,
                 step,
-                self.first_mean,
+                self.start,
                 self.window,
                 ADVICE,
             )
@@ -114,8 +124,9 @@ class LossWatch(pl.Callback):
             log.warning(message, *args)
 
     def state_dict(self) -> dict:
-        return {"first_mean": self.first_mean, "previous_mean": self.previous_mean, "warnings": dict(self.warnings)}
+        return {"start": self.start, "previous_mean": self.previous_mean, "warnings": dict(self.warnings)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.first_mean, self.previous_mean = state_dict["first_mean"], state_dict["previous_mean"]
+        start = state_dict.get("start", state_dict.get("first_mean"))  # checkpoints before the lowest-loss start
+        self.start, self.previous_mean = start, state_dict["previous_mean"]
         self.warnings = dict(state_dict["warnings"])

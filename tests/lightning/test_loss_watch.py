@@ -47,9 +47,20 @@ def test_a_loss_stuck_above_its_start_is_a_stall_named_by_its_steps(caplog):
         watch = LossWatch(max_warnings=2)
         _feed(watch, losses)
     assert (
-        "training loss stalls: mean 3.609 over steps 181-200, not below the 3.118 of the first 20 steps" in caplog.text
+        "training loss stalls: mean 3.609 over steps 181-200, not below the starting loss 2.923 (the lowest of the "
+        "first 20 steps)" in caplog.text
     )
     assert caplog.text.count("stalls") == 2  # at most max_warnings
+
+
+def test_a_run_that_blows_up_in_its_first_steps_is_named(caplog):
+    """The demo at 64x its learning rate without clipping: the loss explodes within the first window, then sits
+    on a plateau below that window's mean but far above where it started."""
+    losses = _healthy(7) + [80.0, 30.0] + [12.0] * 11 + [7.0 + 0.1 * (i % 5) for i in range(280)]
+    with caplog.at_level(logging.WARNING, logger="fcos_lightning"):
+        _feed(LossWatch(), losses)
+    assert "training loss spiked to 80 at step 8, 25.4x the lowest loss 3.154 of the first 20 steps" in caplog.text
+    assert "training loss stalls: mean 7.2 over steps 181-200, not below the starting loss 3.154" in caplog.text
 
 
 def test_bad_settings_are_rejected():
