@@ -23,7 +23,7 @@ from fcos_lightning.runtime.backends import (
 from fcos_lightning.runtime.check import Tolerance, check_against_pytorch, check_graph_detections
 from fcos_lightning.runtime.exported import SIDECAR_VERSION, sidecar_path
 from fcos_lightning.runtime.onnx import DETECTION_OUTPUTS, export_onnx, output_names, sample_batch
-from fcos_lightning.runtime.quantize import calibration_samples, quantize_openvino
+from fcos_lightning.runtime.quantize import calibration_images, quantize_openvino
 
 log = logging.getLogger("fcos_lightning.export")
 
@@ -140,11 +140,11 @@ def check_samples(model, cfg: DictConfig, ckpt: dict) -> list:
     if count <= 0:
         return []
     try:
-        _, samples = calibration_samples(model, ckpt, cfg.calibration, str(cfg.ckpt_path), count)
+        _, indices, load = calibration_images(model, ckpt, cfg.calibration, str(cfg.ckpt_path), count)
     except (ValueError, FileNotFoundError) as e:
         log.warning("checking against PyTorch on synthetic images only: %s", e)
         return []
-    return list(samples)
+    return [load(i) for i in indices]
 
 
 def write_openvino(onnx_path: Path, path: Path, cfg: DictConfig, ckpt: dict, model) -> None:

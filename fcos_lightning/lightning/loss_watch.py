@@ -82,13 +82,13 @@ class LossWatch(pl.Callback):
             self._max, self._max_step = torch.where(higher, loss, self._max), torch.where(higher, step, self._max_step)
             self._min = torch.minimum(self._min, loss)
         if self._count == self.window:
-            readings = torch.stack((self._sum / self._count, self._max, self._min)).tolist()  # one host sync
-            self.check(*readings[:2], int(self._max_step), trainer.global_step, readings[2])
+            readings = torch.stack((self._sum / self._count, self._max, self._max_step.to(loss), self._min))
+            mean, peak, peak_step, low = readings.tolist()  # one host sync per window
+            self.check(mean, peak, int(peak_step), trainer.global_step, low)
             self._reset()
 
-    def check(self, mean: float, peak: float, peak_step: int, step: int, low: float | None = None) -> None:
+    def check(self, mean: float, peak: float, peak_step: int, step: int, low: float) -> None:
         """One window's reading: its mean, highest loss (at ``peak_step``) and lowest loss, ending at ``step``."""
-        low = mean if low is None else low
         if self.start is None:
             self.start = low
             reference, what = low, f"the lowest loss {low:.4g} of the first {self.window} steps"

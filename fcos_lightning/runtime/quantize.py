@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -46,58 +46,54 @@ def calibration_split(calibration: Mapping[str, Any], ckpt: Mapping[str, Any], c
     return str(ann_file), str(img_dir)
 
 
-def calibration_samples(
+def calibration_images(
     model, ckpt: Mapping[str, Any], calibration: Mapping[str, Any], ckpt_path: str, count: int
-) -> tuple[str, list[tuple[Tensor, Tensor]]]:
-    """``(ann_file, samples)``: ``count`` images of the calibration split (at most the set's size; a random
-    subset with ``calibration.seed``), each as the Predictor feeds the network: test resize, zero padding to
-    the stride multiple, batch of one ``([1, 3, H, W] float, [1, 2] sizes)``; loaded when used."""
+) -> tuple[str, list[int], Callable[[int], tuple[Tensor, Tensor]]]:
+    """``(ann_file, indices, load)``: ``count`` images of the calibration split (at most the set's size; a random
+    subset with ``calibration.seed``) and ``load(index)``, each image as the Predictor feeds the network: test
+    resize, zero padding to the stride multiple, batch of one ``([1, 3, H, W] float, [1, 2] sizes)``."""
     ann_file, img_dir = calibration_split(calibration, ckpt, ckpt_path)
     if not os.path.isfile(ann_file):
         raise FileNotFoundError(f"calibration.ann_file not found: {ann_file}")
     dataset = CocoDetection(ann_file, img_dir, train=False)
-    count = min(int(count), len(dataset))
-    if count <= 0:
-        raise ValueError(f"calibration.num_images={calibration['num_images']}: need at least one image")
+    if len(dataset) == 0:
+        raise ValueError(f"{ann_file}: no images to calibrate on")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(int(calibration["seed"])))
     resize = ckpt["test_resize"] or {}
     min_size, max_size = int(resize.get("min_size", 800)), int(resize.get("max_size", 1333))
     style = resize_style_of(ckpt)
 
-    class Samples(Sequence):
-        def __len__(self) -> int:
-            return count
+    def load(index: int) -> tuple[Tensor, Tensor]:
+        image = dataset.load(index)["image"].as_subclass(Tensor)
+        batch, sizes = pad_images(resized([image], min_size, max_size, style), model.size_divisibility)
+        return batch.float(), sizes
 
-        def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-            if not 0 <= i < count:
-                raise IndexError(i)
-            image = dataset.load(int(order[i]))["image"].as_subclass(Tensor)
-            batch, sizes = pad_images(resized([image], min_size, max_size, style), model.size_divisibility)
-            return batch.float(), sizes
-
-    return ann_file, Samples()
+    return ann_file, order[: int(count)].tolist(), load
 
 
 def quantize_openvino(ov_model, model, ckpt: Mapping[str, Any], calibration: Mapping[str, Any], ckpt_path: str):
     """``ov_model`` quantized to int8 by ``nncf.quantize`` on ``calibration.num_images`` training images
-    (:func:`calibration_samples`)."""
+    (:func:`calibration_images`)."""
     import nncf
 
-    ann_file, samples = calibration_samples(model, ckpt, calibration, ckpt_path, calibration["num_images"])
+    if int(calibration["num_images"]) <= 0:
+        raise ValueError(f"calibration.num_images={calibration['num_images']}: need at least one image")
+    ann_file, indices, load = calibration_images(model, ckpt, calibration, ckpt_path, calibration["num_images"])
     scope = calibration["ignored_scope"]
     if scope not in IGNORED_SCOPES:
         raise ValueError(f"calibration.ignored_scope={scope!r}: expected one of {list(IGNORED_SCOPES)}")
     patterns = IGNORED_SCOPES[scope]
-    log.info("int8: calibrating on %d images of %s (ignored scope %s)", len(samples), ann_file, scope)
+    log.info("int8: calibrating on %d images of %s (ignored scope %s)", len(indices), ann_file, scope)
 
-    def feed(sample: tuple[Tensor, Tensor]) -> dict[str, np.ndarray]:
-        return {"images": sample[0].numpy(), "image_sizes": sample[1].numpy()}
+    def feed(index: int) -> dict[str, np.ndarray]:
+        images, image_sizes = load(index)
+        return {"images": images.numpy(), "image_sizes": image_sizes.numpy()}
 
     return nncf.quantize(
         ov_model,
-        nncf.Dataset(samples, feed),
+        nncf.Dataset(indices, feed),
         preset=nncf.QuantizationPreset(calibration["preset"]),
-        subset_size=len(samples),
+        subset_size=len(indices),
         fast_bias_correction=bool(calibration["fast_bias_correction"]),
         ignored_scope=nncf.IgnoredScope(patterns=patterns, validate=False) if patterns else None,
     )
